@@ -1,0 +1,73 @@
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from deepclust_nb.cli import load_papers, main, parse_overrides
+from deepclust_nb.experiment import (EXPERIMENTS, Experiment, Prediction, build_config, get_experiment, register,
+                                     run_experiment, run_grid)
+from deepclust_nb.records import RECORD_FIELDS, read_record
+
+
+def test_kmeans_is_registered():
+    load_papers()
+    exp = get_experiment('kmeans')
+    assert exp.variants == ('pixels',) and {'mnist', 'fashion_mnist', 'usps', 'cifar10_jpeg'} <= set(exp.datasets)
+    assert all('source' in q for q in exp.quoted)
+
+
+def test_run_writes_complete_record(tmp_path):
+    load_papers()
+    r = run_experiment('kmeans', 'pixels', 'digits', 'cpu', seed=1, results=tmp_path, n_init=2)
+    p = tmp_path/'kmeans'/'pixels__digits__cpu__seed1.json'
+    stored = read_record(p)
+    for k in RECORD_FIELDS: assert k in stored
+    assert stored == r and r['config']['n_init'] == 2 and r['n_samples'] == 1797 and r['split'] == 'all'
+    assert np.array(r['confusion']).sum() == 1797
+    assert not (tmp_path.parent/'checkpoints'/'kmeans'/'pixels__digits__cpu__seed1.pt').exists()
+
+
+def test_labels_are_used_only_by_the_runner(tmp_path):
+    "A fit_predict that returns constant clusters gets the ACC of the largest class; the runner does the evaluation."
+    seen = {}
+    def fp(cfg, variant, dataset, seed, device, checkpoint):
+        seen.update(seed=seed, device=str(device), ckpt=str(checkpoint.path))
+        return Prediction(np.zeros(10, dtype=int), np.array([0] * 6 + [1] * 4), 'test')
+    register(Experiment('const', 'constant', ('one',), ('digits',), lambda v, d, p: {'epochs': 1}, fp))
+    try:
+        r = run_experiment('const', 'one', 'digits', seed=4, results=tmp_path / 'results', epochs=3)
+        assert r['metrics']['acc'] == pytest.approx(0.6) and r['config']['epochs'] == 3 and seen['seed'] == 4
+        assert seen['ckpt'].endswith('checkpoints/const/one__digits__cpu__seed4.pt')
+        again = run_grid('const', ['one'], ['digits'], [4], results=tmp_path / 'results')
+        assert again[0]['finished_at'] == r['finished_at']
+    finally:
+        del EXPERIMENTS['const']
+
+
+@pytest.mark.parametrize('args,msg', [(('pixel', 'digits', 'cpu'), 'unknown variant'), (('pixels', 'stl10', 'cpu'), 'unknown dataset'),
+                                      (('pixels', 'digits', 'gpu'), 'unknown protocol')])
+def test_bad_names(args, msg):
+    load_papers()
+    with pytest.raises(ValueError, match=msg): build_config(get_experiment('kmeans'), *args)
+    with pytest.raises(ValueError, match="unknown paper 'dac'"): get_experiment('dac')
+
+
+def test_cli_main(tmp_path, capsys):
+    assert main(['run', 'kmeans', '--dataset', 'digits', '--results', str(tmp_path), '--set', 'n_init=1', '--seed', '0', '2']) == 0
+    assert sorted(p.name for p in (tmp_path/'kmeans').iterdir()) == ['pixels__digits__cpu__seed0.json', 'pixels__digits__cpu__seed2.json']
+    assert 'ACC' in capsys.readouterr().out
+    assert main(['run', 'kmeans', '--dataset', 'digits', '--results', str(tmp_path), '--epochs', '3']) == 2
+    assert "no setting 'epochs'" in capsys.readouterr().err
+    assert main(['run', 'nopaper', '--dataset', 'digits']) == 2
+    assert main(['table', 'kmeans', '--results', str(tmp_path)]) == 0
+    assert 'quoted: ADC Table 1' in capsys.readouterr().out
+    assert main(['papers']) == 0 and 'kmeans' in capsys.readouterr().out
+    assert parse_overrides(['a=1', 'b=x', 'c=[1, 2]']) == {'a': 1, 'b': 'x', 'c': [1, 2]}
+
+
+def test_console_script(tmp_path):
+    out = subprocess.run(['deepclust', 'datasets', '--root', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and 'digits' in out.stdout and str(tmp_path) in out.stdout
+    bad = subprocess.run(['deepclust', 'run', 'kmeans', '--dataset', 'mnist', '--protocol', 'gpu'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and 'invalid choice' in bad.stderr

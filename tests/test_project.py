@@ -1,0 +1,55 @@
+"""The project's own invariants: the library is what the notebooks export, the notebooks are clean, the README is
+generated from nbs/index.ipynb, and CI runs exactly the README's install and test commands."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _copy_project(dst: Path) -> Path:
+    for name in ('settings.ini', 'setup.py'): shutil.copy(ROOT/name, dst/name)
+    shutil.copytree(ROOT/'nbs', dst/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_proc'))
+    shutil.copytree(ROOT/'deepclust_nb', dst/'deepclust_nb', ignore=shutil.ignore_patterns('__pycache__'))
+    return dst
+
+
+def _tree(d: Path, pattern: str) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_text() for p in sorted(d.glob(pattern))}
+
+
+def test_library_is_exported_from_notebooks(tmp_path):
+    d = _copy_project(tmp_path)
+    subprocess.run(['nbdev_export'], cwd=d, check=True, capture_output=True, timeout=300)
+    assert _tree(d, 'deepclust_nb/*.py') == _tree(ROOT, 'deepclust_nb/*.py'), \
+        'deepclust_nb/ differs from what nbdev_export writes: run nbdev_export and commit'
+
+
+def test_notebooks_are_clean(tmp_path):
+    d = _copy_project(tmp_path)
+    subprocess.run(['nbdev_clean'], cwd=d, check=True, capture_output=True, timeout=300)
+    assert _tree(d, 'nbs/*.ipynb') == _tree(ROOT, 'nbs/*.ipynb'), 'notebooks are not cleaned: run nbdev_clean and commit'
+
+
+def _commands(text: str, kind: str) -> str:
+    m = re.search(rf'^{kind}[^\n]*:\s*\n\s*\n```sh\n(.+?)\n```', text, re.M | re.S)
+    assert m, f'README has no {kind} command block'
+    return m.group(1).strip()
+
+
+def test_ci_runs_the_readme_commands():
+    readme, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
+    for kind in ('Install', 'Test'):
+        cmd = _commands(readme, kind)
+        assert '\n' not in cmd, f'the {kind} command must be one line'
+        assert cmd in ci.splitlines(), f'.ci/run does not run the README {kind} command: {cmd}'
+
+
+def test_readme_is_generated_from_index(tmp_path):
+    subprocess.run(['jupyter', 'nbconvert', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'), '--output-dir', str(tmp_path),
+                    '--output', 'README', '--log-level', 'ERROR'], check=True, capture_output=True, timeout=300)
+    assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), \
+        'README.md is stale: regenerate it with jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README'
