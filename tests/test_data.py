@@ -189,3 +189,15 @@ def test_to_grayscale():
     one = torch.rand(2, 1, 4, 4)
     assert to_grayscale(one) is one
     with pytest.raises(ValueError, match='expected N x 1|3'): to_grayscale(torch.rand(2, 2, 4, 4))
+
+
+def test_jpeg_decoder_matches_pil(real_data):
+    "The batched torchvision decoder and the PIL fallback give the same pixels (to rounding) on the JPEG copy."
+    from PIL import Image
+    from deepclust_nb.data import _decode_jpegs
+    real_data('cifar10_jpeg', 'test')
+    paths = sorted((data_root()/'CIFAR10-jpeg'/'test'/'cat').glob('*.jpg'))[:20]
+    fast = _decode_jpegs(paths)
+    pil = torch.stack([torch.from_numpy(np.array(Image.open(p).convert('RGB'))).permute(2, 0, 1) for p in paths])
+    assert fast.shape == pil.shape == (20, 3, 32, 32) and fast.dtype == torch.uint8
+    assert (fast.int() - pil.int()).abs().float().mean() < 1.0
