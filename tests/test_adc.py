@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepclust_nb.adc import (ADC_DIGITS, ADCNet, AssociativeDeepClustering, CifarResNet, VCNN, adc_augmentation,
+                              adc_config, adc_losses, adc_lr, association_loss, association_probs, norm_loss,
+                              pairwise_logit_crossentropy, trafo_loss, visit_loss, walker_loss, walker_target)
+from deepclust_nb.data import load_dataset
+from deepclust_nb.metrics import evaluate
+from deepclust_nb.train import kmeans
+
+
+def test_transition_rows_sum_to_one():
+    a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(11, 5, dtype=torch.float64)
+    p_ab, p_ba, p_aba = association_probs(a, b)
+    for p, shape in ((p_ab, (7, 11)), (p_ba, (11, 7)), (p_aba, (7, 7))):
+        assert p.shape == shape and torch.allclose(p.sum(1), torch.ones(len(p), dtype=torch.float64))
+    assert torch.allclose(p_ab, torch.softmax(a @ b.T, 1)) and torch.allclose(p_ba, torch.softmax(b @ a.T, 1))
+    with pytest.raises(ValueError, match='same embedding size'): association_probs(a, torch.randn(3, 4))
+
+
+def test_walker_loss_hand_computed_3x3():
+    a = torch.eye(3, dtype=torch.float64)          # M = I: P^ab = P^ba = e/(e+2) on the diagonal, 1/(e+2) off it
+    d, o = math.e / (math.e + 2), 1 / (math.e + 2)
+    p = torch.full((3, 3), o, dtype=torch.float64); p.fill_diagonal_(d)
+    p_aba = association_probs(a, a)[2]
+    assert torch.allclose(p_aba, p @ p)
+    assert walker_loss(p_aba, torch.arange(3)).item() == pytest.approx(-math.log(d * d + 2 * o * o), abs=1e-7)
+
+
+def test_walker_loss_zero_for_consistent_association():
+    sharp = 60 * torch.eye(4, dtype=torch.float64)
+    assert walker_loss(association_probs(sharp, sharp)[2], torch.arange(4)).item() == pytest.approx(0, abs=1e-6)
+    # labels 0, 0, 1: a perfect round trip splits evenly inside class 0 -> the loss is H(T) = 2/3 log 2
+    t = walker_target(torch.tensor([0, 0, 1]))
+    assert walker_loss(t.double(), torch.tensor([0, 0, 1]), eps=1e-12).item() == pytest.approx(2 / 3 * math.log(2))
+
+
+def test_visit_loss_minimal_for_uniform_visits():
+    n = 6
+    uniform = torch.full((3, n), 1 / n, dtype=torch.float64)
+    assert visit_loss(uniform).item() == pytest.approx(math.log(n))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = torch.softmax(torch.randn(3, n, generator=g, dtype=torch.float64) * 3, 1)
+        assert visit_loss(p) >= visit_loss(uniform) - 1e-12
+
+
+def test_trafo_loss_hand_example():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_t = torch.tensor([[1.0, 0.0]])
+    o = torch.tensor([[2.0, 0.0], [0.0, 0.0]]); o_t = torch.tensor([[2.0, 0.0]])
+    ce = pairwise_logit_crossentropy(o, o_t)
+    s = torch.softmax(o, 1); ls = torch.log_softmax(o_t, 1)
+    assert ce[0, 0].item() == pytest.approx(-(s[0] * ls[0]).sum().item())
+    by_hand = (abs(1 - 1 - ce[0, 0].item()) + abs(1 - 0 - ce[1, 0].item())) / 2
+    assert trafo_loss(z, z_t, o, o_t).item() == pytest.approx(by_hand, rel=1e-6)
+    assert norm_loss(z, 3 * z_t).item() == pytest.approx(4 / 3)
+
+
+def test_models_shapes_and_gradients():
+    for bb, x in [(VCNN(1, 28), torch.rand(3, 1, 28, 28)), (VCNN(1, 16, widths=(8, 8, 8)), torch.rand(3, 1, 16, 16)),
+                  (CifarResNet(3, 1), torch.rand(3, 3, 32, 32))]:
+        net = ADCNet(bb, 4, centroids_per_cluster=2)
+        assert net(x).shape == (3, bb.emb_dim) and net.centroids.shape == (8, bb.emb_dim)
+        assert net.logits(net(x)).shape == (3, 4)
+        out = adc_losses(net, x, torch.cat([x, x.flip(-1)]), visit_weight=0.5)
+        out['total'].backward()
+        assert all(p.grad is not None for p in net.parameters())
+        assert net.centroids.grad.abs().sum() > 0           # centroids are trained
+    with pytest.raises(ValueError, match='too small'): VCNN(1, 4)
+    with pytest.raises(ValueError, match='n_clusters'): ADCNet(VCNN(1, 8, widths=(8,)), 1)
+
+
+def test_warmup_leaves_centroids_and_W_alone():
+    net = ADCNet(VCNN(1, 8, widths=(8, 8), emb_dim=16), 3)
+    x = torch.rand(5, 1, 8, 8)
+    out = adc_losses(net, x, torch.cat([x, x]), warmup=True)
+    out['total'].backward()
+    assert net.centroids.grad is None and net.classifier.weight.grad is None
+    assert set(out) == {'aug', 'norm', 'total'}
+
+
+def test_lr_schedule():
+    assert adc_lr(0, 1.0, warmup=10) == pytest.approx(0.1)
+    assert adc_lr(9, 1.0, warmup=10) == pytest.approx(1.0)
+    assert adc_lr(25, 1.0, warmup=10, decay_every=10) == pytest.approx(1 / 9)
+
+
+def test_configs_and_augmentation():
+    p, c = adc_config('vcnn', 'mnist', 'paper'), adc_config('vcnn', 'mnist', 'cpu')
+    assert (p['alpha'], p['beta'], p['gamma'], p['delta']) == (1.0, 0.9, 1e-5, 2e-5)
+    assert p['visit_weight'] == 0.8 and p['loss_warmup'] == 1000 and p['batch_size'] == 100 and p['n_aug'] == 4
+    assert adc_config('resnet', 'cifar10_jpeg', 'paper')['resnet_blocks'] == 5
+    assert adc_config('vcnn', 'usps', 'paper')['visit_weight'] == 0.3
+    assert c['steps'] < p['steps']
+    x = torch.rand(6, 3, 32, 32)
+    y = adc_augmentation('cifar10_jpeg')(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match='n_clusters'): AssociativeDeepClustering(1)
+    with pytest.raises(ValueError, match='arch'): AssociativeDeepClustering(3, arch='vgg')
+    with pytest.raises(ValueError, match='loss_warmup'): AssociativeDeepClustering(3, steps=10, loss_warmup=10)
+    est = AssociativeDeepClustering(3, steps=2, loss_warmup=1, batch_size=4, widths=(4, 4), emb_dim=8, chunk=1)
+    with pytest.raises(ValueError, match='N x C x H x W'): est.fit(torch.rand(20, 64))
+    with pytest.raises(ValueError, match='float'): est.fit(torch.zeros(20, 1, 8, 8, dtype=torch.uint8))
+    bad = torch.rand(20, 1, 8, 8); bad[3, 0, 0, 0] = float('nan')
+    with pytest.raises(ValueError, match='NaN'): est.fit(bad)
+    with pytest.raises(RuntimeError, match='fit'): est.predict(torch.rand(2, 1, 8, 8))
+    est.fit(torch.rand(20, 1, 8, 8))
+    with pytest.raises(ValueError, match='channels'): est.predict(torch.rand(2, 3, 8, 8))
+
+
+def test_short_run_on_digits_beats_kmeans():
+    x_tr, _ = load_dataset('digits', 'train'); x_te, y_te = load_dataset('digits', 'test')
+    cfg = {k: v for k, v in ADC_DIGITS.items()}
+    adc = AssociativeDeepClustering(10, augment=adc_augmentation('digits'), random_state=0, **cfg).fit(x_tr)
+    acc = evaluate(y_te, adc.predict(x_te))['acc']
+    km = evaluate(y_te, kmeans(x_te.flatten(1), 10, seed=0).labels)['acc']
+    assert acc > km, (acc, km)
+    h = adc.history_[-1]
+    assert h['agreement'] > 0.8 and h['largest_cluster'] < 0.3      # label-free health of the final model
+    p = adc.predict_proba(x_te)
+    assert np.allclose(p.sum(1), 1, atol=1e-5)
