@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (color_jitter, compose, gaussian_noise, random_affine, random_hflip,
-                                  random_resized_crop)
+from .augment import (_check_images as _check_batch, color_jitter, compose, gaussian_noise, random_affine,
+                                  random_hflip, random_resized_crop)
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, ResumableState, get_device, kmeans, predict_batched, run_epochs, seed_everything
+from .train import Checkpoint, get_device, kmeans, predict_batched, run_epochs, seed_everything
 
 # %% auto #0
 __all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'association_probs',
@@ -186,11 +186,10 @@ def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 1
     return lr * scale / decay ** (step // decay_every)
 
 # %% ../nbs/40_adc.ipynb #fa03238a
-def _check_images(X, name: str = 'X') -> torch.Tensor:
-    X = torch.as_tensor(X)
-    if X.ndim != 4: raise ValueError(f'{name} must be images N x C x H x W, got shape {tuple(X.shape)}')
-    if not X.is_floating_point(): raise ValueError(f'{name} must be a float tensor in [0, 1], got dtype {X.dtype}')
-    if not torch.isfinite(X).all(): raise ValueError(f'{name} contains NaN or infinite values')
+def _check_images(X) -> torch.Tensor:
+    "A float N x C x H x W batch (the augmentations' check) with no NaN or infinite values."
+    X = _check_batch(torch.as_tensor(X))
+    if not torch.isfinite(X).all(): raise ValueError('X contains NaN or infinite values')
     return X
 
 class AssociativeDeepClustering:
@@ -225,7 +224,7 @@ class AssociativeDeepClustering:
         with torch.no_grad():
             self.net_.centroids.copy_((c + (torch.rand_like(c) - 0.5) * 2e-4).to(self.device_))
 
-    def _chunk(self, X, opt, state, chunk_idx: int) -> dict:
+    def _chunk(self, X, opt, chunk_idx: int) -> dict:
         logs, t0 = {}, time.perf_counter()
         first, last = chunk_idx * self.chunk, min((chunk_idx + 1) * self.chunk, self.steps)
         w = {k: getattr(self, k) for k in ADC_WEIGHTS}
@@ -252,10 +251,9 @@ class AssociativeDeepClustering:
         seed_everything(self.random_state)
         self._build(X)
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, betas=tuple(self.betas))
-        state = ResumableState()
         n_chunks = -(-self.steps // self.chunk)
-        self.history_ = run_epochs(n_chunks, lambda c: self._chunk(X, opt, state, c), checkpoint,
-                                   {'net': self.net_, 'opt': opt, 'state': state}, desc='chunks')
+        self.history_ = run_epochs(n_chunks, lambda c: self._chunk(X, opt, c), checkpoint,
+                                   {'net': self.net_, 'opt': opt}, desc='chunks')
         self.labels_ = self.predict(X)
         return self
 
@@ -269,7 +267,7 @@ class AssociativeDeepClustering:
     def transform(self, X) -> np.ndarray:
         "Embeddings f(X)."
         X = self._check_fitted(X)
-        return predict_batched(self.net_.eval(), X, device=self.device_).numpy()
+        return predict_batched(self.net_, X, device=self.device_).numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         "Cluster membership probabilities softmax(W f(X))."
@@ -325,10 +323,9 @@ def adc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, ch
     fit_s = time.perf_counter() - t0
     proba = est.predict_proba(x_te)
     km = kmeans(est.transform(x_te), est.n_clusters, n_init=10, seed=seed).labels
-    train_steps = [h for h in est.history_]
     extra = {'n_train': len(x_tr), 'fit_seconds': fit_s,
-             'steps_per_s': float(np.mean([h['steps_per_s'] for h in train_steps])),
-             'images_per_s': float(np.mean([h['images_per_s'] for h in train_steps])),
+             'steps_per_s': float(np.mean([h['steps_per_s'] for h in est.history_])),
+             'images_per_s': float(np.mean([h['images_per_s'] for h in est.history_])),
              'kmeans_on_embeddings': evaluate(y_te, km)}
     art = {'proba': torch.from_numpy(proba).half()} if cfg['save_artifacts'] else {}
     return Prediction(proba.argmax(1), y_te, 'test', history=est.history_, extra=extra, artifacts=art)
