@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepclust_nb.data import load_dataset
+from deepclust_nb.experiment import build_config, get_experiment
+from deepclust_nb.metrics import evaluate
+from deepclust_nb.st_dac import (ST_DAC_DIGITS, ST_DAC_VARIANTS, DeepAdaptiveClustering, SpatialTransformer,
+                                 build_st_dac_net, dac_pair_loss, dac_pair_targets, dac_thresholds, label_features,
+                                 st_dac_augmentation, st_dac_config)
+from deepclust_nb.train import kmeans
+
+
+def test_pair_selection_on_hand_made_similarities():
+    sim = torch.tensor([[1.0, 0.95, 0.10, 0.50],
+                        [0.95, 1.0, 0.30, 0.89],
+                        [0.10, 0.30, 1.0, 0.05],
+                        [0.50, 0.89, 0.05, 1.0]])
+    r, v = dac_pair_targets(sim, upper=0.9, lower=0.2)
+    assert torch.equal(r, (sim >= 0.9).float())
+    expected_v = torch.tensor([[1., 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 1], [0, 0, 1, 1]])
+    assert torch.equal(v, expected_v)
+    assert torch.equal(dac_pair_targets(sim, 0.5, 0.5)[1], torch.ones(4, 4))    # u <= l: every pair selected
+    with pytest.raises(ValueError, match='square'): dac_pair_targets(torch.rand(2, 3), 0.9, 0.1)
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): dac_pair_targets(sim, 1.5, 0.1)
+
+
+def test_pair_loss_hand_computed():
+    # two label features: f1 = (1, 0), f2 = (0.6, 0.8) -> g12 = 0.6; with u = 0.5 the pair is "similar"
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+    loss, info = dac_pair_loss(f, upper=0.5, lower=0.1, eps=1e-12)
+    # pairs: (1,1) g=1 r=1, (2,2) g=1 r=1, (1,2) and (2,1) g=0.6 r=1 -> mean of -log g over 4 pairs
+    assert loss.item() == pytest.approx(-2 * math.log(0.6) / 4, abs=1e-9)
+    assert info['selected'] == 1.0 and info['positive'] == 1.0
+    # with u = 0.7, l = 0.65 the off-diagonal pair is "dissimilar": -log(1 - 0.6)
+    loss2, _ = dac_pair_loss(f, upper=0.7, lower=0.65, eps=1e-12)
+    assert loss2.item() == pytest.approx(-2 * math.log(0.4) / 4, abs=1e-6)
+    # with u = 0.9, l = 0.5 the off-diagonal pair is not selected: only the (zero-loss) diagonal remains
+    loss3, info3 = dac_pair_loss(f, upper=0.9, lower=0.5, eps=1e-12)
+    assert loss3.item() == pytest.approx(0, abs=1e-9) and info3['selected'] == 0.5
+
+
+def test_label_features_and_loss_gradient():
+    p = torch.randn(6, 4).softmax(1).requires_grad_()
+    f = label_features(p)
+    assert torch.allclose(f.norm(dim=1), torch.ones(6))
+    dac_pair_loss(f, 0.5, 0.5)[0].backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='N x k'): label_features(torch.rand(3))
+
+
+def test_threshold_schedules():
+    assert dac_thresholds(0, 10, 0.9, 0.99) == (0.99, 0.9)
+    u, l = dac_thresholds(9, 10, 0.9, 0.99)
+    assert u == pytest.approx(0.945) and l == pytest.approx(0.945)
+    us = [dac_thresholds(e, 10, 0.8, 0.99)[0] for e in range(10)]
+    assert all(a > b for a, b in zip(us, us[1:]))                            # u falls every epoch
+    u, l = dac_thresholds(9, 10, schedule='dac')
+    assert u == pytest.approx(0.5) and l == pytest.approx(0.5)
+    assert dac_thresholds(3, 10, 0.9, 0.99, 'code') == pytest.approx((0.963, 0.963))
+    with pytest.raises(ValueError, match='unknown schedule'): dac_thresholds(0, 10, schedule='cosine')
+    with pytest.raises(ValueError, match='epoch'): dac_thresholds(10, 10)
+
+
+def test_identity_st_layer_returns_input_and_default_zooms():
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(SpatialTransformer(1, 28, final_tanh=False)(x), x, atol=1e-5)
+    h = torch.randn(2, 256, 7, 7)
+    assert torch.allclose(SpatialTransformer(256, 7, final_tanh=False)(h), h, atol=1e-5)
+    theta = torch.tensor([[math.tanh(1), 0, 0], [0, math.tanh(1), 0]]).expand(3, 2, 3)
+    zoomed = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    assert torch.allclose(SpatialTransformer(1, 28)(x), zoomed, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', list(ST_DAC_VARIANTS))
+def test_every_variant_shape_and_gradients(variant):
+    net = build_st_dac_net(variant)
+    x = torch.rand(5, 1, 28, 28)
+    p = net(x)
+    assert p.shape == (5, 10) and torch.allclose(p.sum(1), torch.ones(5))
+    dac_pair_loss(label_features(p), 0.6, 0.6)[0].backward()
+    missing = [n for n, q in net.named_parameters() if q.grad is None]
+    assert not missing, missing
+    n_st = ST_DAC_VARIANTS[variant] or 0
+    locs = [m for m in net.modules() if isinstance(m, SpatialTransformer)]
+    assert len(locs) == n_st
+    for st in locs: assert st.loc.head[2].weight.grad.abs().sum() > 0     # gradient reaches every localisation net
+
+
+def test_configs_protocols_and_augmentation():
+    p, c = st_dac_config('st2', 'mnist', 'paper'), st_dac_config('st2', 'mnist', 'cpu')
+    assert (p['lr'], p['batch_size'], p['lower'], p['upper'], p['subset']) == (1e-4, 32, 0.9, 0.99, None)
+    assert st_dac_config('st3', 'fashion_mnist', 'paper')['lower'] == 0.8
+    assert c['subset'] and c['epochs'] < p['epochs']
+    exp = get_experiment('st_dac')
+    assert exp.variants == ('dac_star', 'st0', 'st1', 'st2', 'st3') and {'mnist', 'fashion_mnist'} <= set(exp.datasets)
+    with pytest.raises(ValueError, match='unknown variant'): build_config(exp, 'st4', 'mnist', 'cpu')
+    with pytest.raises(ValueError, match='unknown dataset'): build_config(exp, 'st2', 'stl10', 'cpu')
+    x = torch.rand(16, 1, 28, 28)
+    for d in ('mnist', 'fashion_mnist'):
+        out = st_dac_augmentation(d)(x)
+        assert out.shape == x.shape and not torch.equal(out, x) and out.min() >= 0
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match='n_clusters'): DeepAdaptiveClustering(1)
+    with pytest.raises(ValueError, match='unknown variant'): DeepAdaptiveClustering(10, 'st7')
+    with pytest.raises(ValueError, match='lower <= upper'): DeepAdaptiveClustering(10, lower=0.99, upper=0.9)
+    est = DeepAdaptiveClustering(10, 'st0', epochs=1, widths=(4, 4, 4), hidden=8)
+    with pytest.raises(ValueError, match='N x C x H x W'): est.fit(torch.rand(50, 8, 8))
+    with pytest.raises(ValueError, match='NaN'): est.fit(torch.full((50, 1, 8, 8), float('nan')))
+    with pytest.raises(ValueError, match='at least'): est.fit(torch.rand(5, 1, 8, 8))
+    with pytest.raises(RuntimeError, match='fit'): est.predict(torch.rand(5, 1, 8, 8))
+    with pytest.raises(ValueError, match='n_st'): build_st_dac_net('st0').__class__(n_st=4)
+    with pytest.raises(ValueError, match='20x20'): build_st_dac_net('dac_star', image_size=8)
