@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (_check_images as _check_batch, color_jitter, compose, gaussian_noise, random_affine,
+from .augment import (check_image_input, color_jitter, compose, gaussian_noise, random_affine,
                                   random_hflip, random_resized_crop)
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
@@ -186,12 +186,6 @@ def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 1
     return lr * scale / decay ** (step // decay_every)
 
 # %% ../nbs/40_adc.ipynb #fa03238a
-def _check_images(X) -> torch.Tensor:
-    "A float N x C x H x W batch (the augmentations' check) with no NaN or infinite values."
-    X = _check_batch(torch.as_tensor(X))
-    if not torch.isfinite(X).all(): raise ValueError('X contains NaN or infinite values')
-    return X
-
 class AssociativeDeepClustering:
     "Associative Deep Clustering (Haeusser et al. 2018) with scikit-learn's fit/predict interface."
     def __init__(self, n_clusters: int = 10, arch: str = 'vcnn', widths=None, emb_dim: int = 128, resnet_blocks: int = 3,
@@ -246,7 +240,7 @@ class AssociativeDeepClustering:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None):
         "Train on images X (N x C x H x W in [0, 1]); `y` is ignored."
-        X = _check_images(X)
+        X = check_image_input(X)
         if len(X) < max(self.batch_size, self.n_clusters): raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} images, got {len(X)}')
         seed_everything(self.random_state)
         self._build(X)
@@ -259,7 +253,7 @@ class AssociativeDeepClustering:
 
     def _check_fitted(self, X):
         if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = _check_images(X)
+        X = check_image_input(X)
         first = self.net_.backbone.net[0] if self.arch == 'resnet' else self.net_.backbone.features[0]
         if X.shape[1] != first.in_channels: raise ValueError(f'X has {X.shape[1]} channels, the model was fitted on {first.in_channels}')
         return X

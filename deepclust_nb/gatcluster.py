@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (_check_images as _check_batch, color_jitter, compose, random_affine, random_hflip)
+from .augment import (check_image_input, color_jitter, compose, random_affine, random_hflip)
 from .data import get_spec, load_dataset, stratified_subset, to_grayscale
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
@@ -150,11 +150,6 @@ def gatcluster_targets(l: torch.Tensor, n_clusters: int, n_init: int = 10, seed:
     r = relation_targets(kmeans(l.cpu().numpy(), n_clusters, n_init=n_init, seed=seed).labels) if use_sm else None
     return balanced_targets(l), r, balanced_targets(l, power=2)
 
-def _check_images(X) -> torch.Tensor:
-    X = _check_batch(torch.as_tensor(X))
-    if not torch.isfinite(X).all(): raise ValueError('X contains NaN or infinite values')
-    return X
-
 class GATCluster:
     "GATCluster (Niu et al. 2020) with scikit-learn's fit/predict interface; images N x C x H x W in [0, 1]."
     def __init__(self, n_clusters: int = 10, widths=(64, 128, 256), att_size: int = 6, alpha: float = 0.05,
@@ -212,7 +207,7 @@ class GATCluster:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X; `y` is ignored. `on_epoch(epoch, est)` may add numbers to the history."
-        X = _check_images(X)
+        X = check_image_input(X)
         if len(X) < max(self.m2, self.n_clusters): raise ValueError(f'need at least {max(self.m2, self.n_clusters)} images, got {len(X)}')
         seed_everything(self.random_state)
         self.device_, self.image_shape_ = get_device(self.device), X.shape[1:]
@@ -228,7 +223,7 @@ class GATCluster:
 
     def _check_fitted(self, X) -> torch.Tensor:
         if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = _check_images(X)
+        X = check_image_input(X)
         if X.shape[1:] != self.image_shape_: raise ValueError(f'X has images of shape {tuple(X.shape[1:])}, the model was fitted on {tuple(self.image_shape_)}')
         return self._prep(X)
 

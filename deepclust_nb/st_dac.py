@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (_check_images as _check_batch, compose, random_affine, random_channel_shift,
+from .augment import (check_image_input, compose, random_affine, random_channel_shift,
                                   random_hflip)
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
@@ -172,12 +172,6 @@ def st_dac_augmentation(dataset: str):
                    partial(random_channel_shift, intensity=0.1), partial(_rescale, factor=0.95))
 
 # %% ../nbs/10_st_dac.ipynb #281bc216
-def _check_images(X) -> torch.Tensor:
-    "A float N x C x H x W batch (the augmentations' check) with no NaN or infinite values."
-    X = _check_batch(torch.as_tensor(X))
-    if not torch.isfinite(X).all(): raise ValueError('X contains NaN or infinite values')
-    return X
-
 class DeepAdaptiveClustering:
     "DAC* / ST-DAC (Souza & Zanchettin 2019) with scikit-learn's fit/predict interface."
     def __init__(self, n_clusters: int = 10, variant: str = 'st2', epochs: int = 10, batch_size: int = 32,
@@ -236,7 +230,7 @@ class DeepAdaptiveClustering:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X (N x C x H x W in [0, 1]); `y` is ignored."
-        X = _check_images(X)
+        X = check_image_input(X)
         if len(X) < max(self.batch_size, self.n_clusters): raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} images, got {len(X)}')
         seed_everything(self.random_state)
         self._build(X)
@@ -249,7 +243,7 @@ class DeepAdaptiveClustering:
 
     def _check_fitted(self, X) -> torch.Tensor:
         if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = _check_images(X)
+        X = check_image_input(X)
         if X.shape[1:] != self.image_shape_: raise ValueError(f'X has images of shape {tuple(X.shape[1:])}, the model was fitted on {tuple(self.image_shape_)}')
         return X
 
