@@ -67,3 +67,12 @@ def test_committed_records_are_valid():
     "Every record in the repository's results/ follows the schema (tables are rendered from them)."
     df = load_records()
     for p in df.path: read_record(p)
+
+
+def test_git_commit_falls_back_to_the_environment(tmp_path, monkeypatch):
+    "A copy without .git (the GPU machine gets the working tree only) names its commit in $DEEPCLUST_COMMIT."
+    from deepclust_nb.records import git_commit
+    monkeypatch.setenv('DEEPCLUST_COMMIT', 'abc123')
+    assert git_commit(tmp_path) == {'commit': 'abc123', 'dirty': False}
+    monkeypatch.delenv('DEEPCLUST_COMMIT')
+    assert git_commit(tmp_path)['commit'] == 'unknown'
