@@ -39,16 +39,15 @@ def results_dir(path: str | os.PathLike | None = None) -> Path:
 
 # %% ../nbs/03b_records.ipynb #d9ca2713
 def git_commit(cwd: str | os.PathLike | None = None) -> dict:
-    "`{'commit': sha, 'dirty': bool}` of the project's git checkout; `$DEEPCLUST_COMMIT` for a copy without `.git`, else 'unknown'."
+    "`{'commit': sha, 'dirty': bool}`: `$DEEPCLUST_COMMIT` when set (a shipped copy), else the git checkout's, else 'unknown'."
+    if os.environ.get('DEEPCLUST_COMMIT'): return {'commit': os.environ['DEEPCLUST_COMMIT'], 'dirty': False}
     cwd = cwd or project_root() or Path.cwd()
-    fallback = {'commit': os.environ.get('DEEPCLUST_COMMIT', 'unknown'), 'dirty': False}
     try:
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
-        if not sha: return fallback
         st = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=cwd, capture_output=True,
                             text=True, timeout=10).stdout.strip()
-        return {'commit': sha, 'dirty': bool(st)}
-    except (OSError, subprocess.SubprocessError): return fallback
+        return {'commit': sha or 'unknown', 'dirty': bool(st)}
+    except (OSError, subprocess.SubprocessError): return {'commit': 'unknown', 'dirty': False}
 
 # %% ../nbs/03b_records.ipynb #52e42393
 PROTOCOLS = ('cpu', 'paper')

@@ -69,10 +69,11 @@ def test_committed_records_are_valid():
     for p in df.path: read_record(p)
 
 
-def test_git_commit_falls_back_to_the_environment(tmp_path, monkeypatch):
-    "A copy without .git (the GPU machine gets the working tree only) names its commit in $DEEPCLUST_COMMIT."
-    from deepclust_nb.records import git_commit
+def test_git_commit_from_the_environment(tmp_path, monkeypatch):
+    "A shipped copy (the GPU machine's .git need not match its tree) is told its commit in $DEEPCLUST_COMMIT, which wins."
+    from deepclust_nb.records import git_commit, project_root
     monkeypatch.setenv('DEEPCLUST_COMMIT', 'abc123')
     assert git_commit(tmp_path) == {'commit': 'abc123', 'dirty': False}
+    assert git_commit(project_root())['commit'] == 'abc123'
     monkeypatch.delenv('DEEPCLUST_COMMIT')
     assert git_commit(tmp_path)['commit'] == 'unknown'
