@@ -15,7 +15,7 @@ import torch
 
 from .data import get_spec
 from .metrics import as_labels, evaluate, mapped_confusion
-from .records import (PROTOCOLS, load_records, make_record, paper_vs_ours, read_record, record_path,
+from .records import (PROTOCOLS, git_commit, load_records, make_record, paper_vs_ours, read_record, record_path,
                                   results_dir, run_name, write_record)
 from .train import Checkpoint, atomic_save, device_name, get_device, seed_everything
 
@@ -83,6 +83,7 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
     device = get_device(device)
     ckpt = Checkpoint(results_dir(results).parent/'checkpoints'/paper/f'{name}.pt', every=cfg.get('checkpoint_every', 1))
     seed_everything(seed)
+    provenance = git_commit()      # the code that starts the run, even if commits land while it trains
     t0 = time.perf_counter()
     pred = exp.fit_predict(cfg, variant=variant, dataset=dataset, seed=seed, device=device, checkpoint=ckpt)
     wall = time.perf_counter() - t0
@@ -91,6 +92,7 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
                       device_name(device), wall, tag=tag, n_samples=len(y_true),
                       n_clusters_found=int(len(np.unique(y_pred))), confusion=mapped_confusion(y_true, y_pred),
                       history=pred.history, **pred.extra)
+    rec.update(provenance)
     if pred.artifacts:
         art = out.with_name(out.stem + '.artifacts.pt')
         atomic_save(pred.artifacts, art)

@@ -45,6 +45,17 @@ def test_labels_are_used_only_by_the_runner(tmp_path):
         del EXPERIMENTS['const']
 
 
+def test_record_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    "A commit that lands while a run trains must not be credited with the run."
+    def fp(cfg, variant, dataset, seed, device, checkpoint):
+        monkeypatch.setenv('DEEPCLUST_COMMIT', 'landed-during-the-run')
+        return Prediction(np.zeros(4, dtype=int), np.array([0, 0, 1, 1]), 'test')
+    register(Experiment('const2', 'constant', ('one',), ('digits',), lambda v, d, p: {}, fp))
+    monkeypatch.setenv('DEEPCLUST_COMMIT', 'at-start')
+    try: assert run_experiment('const2', 'one', 'digits', results=tmp_path)['commit'] == 'at-start'
+    finally: del EXPERIMENTS['const2']
+
+
 @pytest.mark.parametrize('args,msg', [(('pixel', 'digits', 'cpu'), 'unknown variant'), (('pixels', 'stl10', 'cpu'), 'unknown dataset'),
                                       (('pixels', 'digits', 'gpu'), 'unknown protocol')])
 def test_bad_names(args, msg):
