@@ -296,11 +296,8 @@ class VariationalClustering:
         return X
 
     def _posterior(self, X):
-        X = self._check_fitted(X)
-        self.net_.eval()
-        with torch.no_grad():
-            parts = [self.net_.posterior(X[i:i + 1000].to(self.device_)) for i in range(0, len(X), 1000)]
-        return [torch.cat(p).cpu() for p in zip(*parts)]
+        "q(k|x), and the mean and variance of q(z|x,k), for every sample (batched, on the CPU)."
+        return predict_batched(self.net_.posterior, self._check_fitted(X), batch_size=1000, device=self.device_)
 
     def predict_proba(self, X) -> np.ndarray:
         "$q_\\omega(k|x)$ for every sample."
