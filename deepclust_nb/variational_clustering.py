@@ -18,15 +18,17 @@ from .augment import check_image_input, compose, random_affine, random_binarize,
 from .data import get_spec, imbalanced_subset, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import (Checkpoint, ResumableState, get_device, minibatches, predict_batched, run_epochs,
-                                seed_everything)
+from .records import make_record, read_record, record_path, write_record
+from .train import (Checkpoint, ResumableState, atomic_save, device_name, get_device, kmeans, minibatches,
+                                predict_batched, run_epochs, seed_everything)
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'VC_ARCHS', 'VC_DIGITS', 'VC_DATASETS', 'VC_CPU', 'VC_ESTIMATOR_KEYS', 'VC_QUOTED',
-           'VARIATIONAL_CLUSTERING', 'GaussianHead', 'PriorNet', 'MnistDecoder', 'MLPDecoder', 'mnist_trunk',
-           'Posterior', 'VariationalClusteringNet', 'build_vc_net', 'gaussian_kl', 'bernoulli_log_likelihood',
-           'gaussian_log_likelihood', 'elbo', 'elbo_terms', 'w2_diag_gaussians', 'augmentation_loss', 'lambda_aug_at',
-           'vc_augmentation', 'VariationalClustering', 'five_arcs', 'vc_config', 'vc_fit_predict']
+           'VARIATIONAL_CLUSTERING', 'TOY_CONFIG', 'TOY_SETTINGS', 'GaussianHead', 'PriorNet', 'MnistDecoder',
+           'MLPDecoder', 'mnist_trunk', 'Posterior', 'VariationalClusteringNet', 'build_vc_net', 'gaussian_kl',
+           'bernoulli_log_likelihood', 'gaussian_log_likelihood', 'elbo', 'elbo_terms', 'w2_diag_gaussians',
+           'augmentation_loss', 'lambda_aug_at', 'vc_augmentation', 'VariationalClustering', 'five_arcs', 'vc_config',
+           'vc_fit_predict', 'run_toy']
 
 # %% ../nbs/50_variational_clustering.ipynb #092b6a2c
 VAR_FLOOR = 1e-6
@@ -423,3 +425,29 @@ VC_QUOTED = [
 
 VARIATIONAL_CLUSTERING = register(Experiment('variational_clustering', 'Variational clustering (Prasad, Das & Bhowmick 2020)',
                                              ('full', 'no_aug'), VC_DATASETS, vc_config, vc_fit_predict, VC_QUOTED))
+
+# %% ../nbs/50_variational_clustering.ipynb #47bf751d
+TOY_CONFIG = dict(k=5, arch='toy', epochs=100, batch_size=100, lr=1e-3, lambda_recons=0.5, kl_warmup_epochs=0,
+                  n=10_000, noise=0.05)
+TOY_SETTINGS = {'': {}, 'elbo': dict(lambda_recons=1.0), 'warmup': dict(kl_warmup_epochs=20),
+                'elbo_warmup': dict(lambda_recons=1.0, kl_warmup_epochs=20)}
+
+def run_toy(seed: int = 0, tag: str = '', results=None, device=None) -> dict:
+    "Train on `five_arcs` with TOY_CONFIG changed by TOY_SETTINGS[tag]; write (or read back) the record and artifacts."
+    if tag not in TOY_SETTINGS: raise ValueError(f'unknown toy setting {tag!r}; use one of {list(TOY_SETTINGS)}')
+    cfg = {**TOY_CONFIG, **TOY_SETTINGS[tag]}
+    path = record_path(dict(paper='variational_clustering', variant='full', dataset='five_arcs', protocol='paper',
+                            seed=seed, tag=tag), results)
+    if path.exists(): return read_record(path)
+    x, y = five_arcs(cfg['n'], noise=cfg['noise'], seed=seed)
+    t0 = time.perf_counter()
+    est = VariationalClustering(cfg['k'], device=device, random_state=seed,
+                                **{n: cfg[n] for n in ('arch', 'epochs', 'batch_size', 'lr', 'lambda_recons', 'kl_warmup_epochs')}).fit(x)
+    rec = make_record('variational_clustering', 'full', 'five_arcs', 'all', 'paper', seed, evaluate(y, est.labels_), cfg,
+                      device_name(est.device_), time.perf_counter() - t0, tag=tag, history=est.history_, n_samples=len(x),
+                      kmeans_metrics=evaluate(y, kmeans(x.numpy(), cfg['k'], seed=seed).labels))
+    art = {'x': x, 'y': y, 'pred': torch.from_numpy(est.labels_), 'posterior_mean': torch.from_numpy(est.transform(x)),
+           'prior_samples': est.sample_latent(500, torch.Generator().manual_seed(0))}
+    atomic_save(art, path.with_name(path.stem + '.artifacts.pt')); rec['artifacts'] = path.stem + '.artifacts.pt'
+    write_record(rec, results)
+    return rec
