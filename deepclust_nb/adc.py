@@ -18,7 +18,7 @@ from .augment import (check_image_input, color_jitter, compose, gaussian_noise, 
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, get_device, kmeans, predict_batched, run_epochs, seed_everything
+from .train import Checkpoint, NeuralClusterer, get_device, kmeans, predict_batched, run_epochs, seed_everything
 
 # %% auto #0
 __all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'association_probs',
@@ -186,7 +186,7 @@ def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 1
     return lr * scale / decay ** (step // decay_every)
 
 # %% ../nbs/40_adc.ipynb #fa03238a
-class AssociativeDeepClustering:
+class AssociativeDeepClustering(NeuralClusterer):
     "Associative Deep Clustering (Haeusser et al. 2018) with scikit-learn's fit/predict interface."
     def __init__(self, n_clusters: int = 10, arch: str = 'vcnn', widths=None, emb_dim: int = 128, resnet_blocks: int = 3,
                  dropout: float = 0.0, centroids_per_cluster: int = 1, steps: int = 20000, loss_warmup: int = 1000,
@@ -268,14 +268,6 @@ class AssociativeDeepClustering:
         X = self._check_fitted(X)
         self.net_.eval()
         return predict_batched(lambda x: self.net_.logits(self.net_(x)).softmax(1), X, device=self.device_).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        "Cluster of each image: the argmax of its logits."
-        return self.predict_proba(X).argmax(1).astype(np.int64)
-
-    def fit_predict(self, X, y=None, **kw) -> np.ndarray:
-        "fit, then return `labels_`."
-        return self.fit(X, **kw).labels_
 
 # %% ../nbs/40_adc.ipynb #28555dc1
 ADC_DATASETS = ('mnist', 'fashion_mnist', 'usps', 'cifar10_jpeg', 'digits')

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (check_image_input, color_jitter, compose, random_affine, random_hflip)
+from .augment import color_jitter, compose, random_affine, random_hflip
 from .data import get_spec, load_dataset, stratified_subset, to_grayscale
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import (Checkpoint, ResumableState, get_device, kmeans, predict_batched, run_epochs,
-                                seed_everything)
+from .train import Checkpoint, NeuralClusterer, get_device, kmeans, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['GAT_WEIGHTS', 'GAT_DIGITS', 'GAT_DATASETS', 'GAT_VARIANTS', 'GAT_CPU', 'GAT_ESTIMATOR_KEYS', 'GAT_QUOTED',
@@ -150,7 +149,7 @@ def gatcluster_targets(l: torch.Tensor, n_clusters: int, n_init: int = 10, seed:
     r = relation_targets(kmeans(l.cpu().numpy(), n_clusters, n_init=n_init, seed=seed).labels) if use_sm else None
     return balanced_targets(l), r, balanced_targets(l, power=2)
 
-class GATCluster:
+class GATCluster(NeuralClusterer):
     "GATCluster (Niu et al. 2020) with scikit-learn's fit/predict interface; images N x C x H x W in [0, 1]."
     def __init__(self, n_clusters: int = 10, widths=(64, 128, 256), att_size: int = 6, alpha: float = 0.05,
                  attention: bool = True, grayscale: bool = True, use_ti: bool = True, use_sm: bool = True,
@@ -207,38 +206,21 @@ class GATCluster:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X; `y` is ignored. `on_epoch(epoch, est)` may add numbers to the history."
-        X = check_image_input(X)
-        if len(X) < max(self.m2, self.n_clusters): raise ValueError(f'need at least {max(self.m2, self.n_clusters)} images, got {len(X)}')
+        X = self._check_fit_input(X, max(self.m2, self.n_clusters))
         seed_everything(self.random_state)
-        self.device_, self.image_shape_ = get_device(self.device), X.shape[1:]
+        self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
         c = 1 if self.grayscale and X.shape[1] == 3 else X.shape[1]
         self.net_ = GATClusterNet(c, self.n_clusters, tuple(self.widths), self.att_size, self.alpha, self.attention).to(self.device_)
         self.tau_ = self.augment or (lambda x: x)
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
-        self.snapshots_ = ResumableState()       # label features of `snapshot_images` after `snapshot_epochs` (Fig. 3)
-        self.history_ = run_epochs(self.epochs, lambda e: self._epoch(X, opt, e, on_epoch), checkpoint,
-                                   {'net': self.net_, 'opt': opt, 'snapshots': self.snapshots_})
-        self.labels_ = self.predict(X)
-        return self
+        return self._train(X, torch.optim.Adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
 
     def _check_fitted(self, X) -> torch.Tensor:
-        if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = check_image_input(X)
-        if X.shape[1:] != self.image_shape_: raise ValueError(f'X has images of shape {tuple(X.shape[1:])}, the model was fitted on {tuple(self.image_shape_)}')
-        return self._prep(X)
+        return self._prep(super()._check_fitted(X))   # the same grayscale conversion as in training
 
     def predict_proba(self, X) -> np.ndarray:
         "Label features (softmax) of the image and label feature modules: the attention module is not used."
         X = self._check_fitted(X); self.net_.eval()
         return predict_batched(self.net_, X, batch_size=self.m1, device=self.device_).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        "Cluster of each image: the argmax of its label feature."
-        return self.predict_proba(X).argmax(1).astype(np.int64)
-
-    def fit_predict(self, X, y=None, **kw) -> np.ndarray:
-        "fit, then return `labels_`."
-        return self.fit(X, **kw).labels_
 
     def attention_maps(self, X) -> dict:
         "Attention maps, their centres and widths for images X (for Figure 4)."

@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (check_image_input, compose, random_affine, random_channel_shift,
-                                  random_hflip)
+from .augment import compose, random_affine, random_channel_shift, random_hflip
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import (Checkpoint, ResumableState, get_device, minibatches, predict_batched, run_epochs,
-                                seed_everything)
+from .train import Checkpoint, NeuralClusterer, get_device, minibatches, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['DAC_SCHEDULES', 'ST_DAC_VARIANTS', 'ST_DAC_DIGITS', 'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_ESTIMATOR_KEYS',
@@ -172,7 +170,7 @@ def st_dac_augmentation(dataset: str):
                    partial(random_channel_shift, intensity=0.1), partial(_rescale, factor=0.95))
 
 # %% ../nbs/10_st_dac.ipynb #c727691c
-class DeepAdaptiveClustering:
+class DeepAdaptiveClustering(NeuralClusterer):
     "DAC* / ST-DAC (Souza & Zanchettin 2019) with scikit-learn's fit/predict interface."
     def __init__(self, n_clusters: int = 10, variant: str = 'st2', epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-4, lower: float = 0.9, upper: float = 0.99, schedule: str = 'linear',
@@ -187,7 +185,7 @@ class DeepAdaptiveClustering:
         self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
 
     def _build(self, X: torch.Tensor):
-        self.device_, self.image_shape_ = get_device(self.device), X.shape[1:]
+        self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
         kw = {} if self.variant == 'dac_star' else dict(widths=tuple(self.widths), hidden=self.hidden,
                                                         third_pool=self.third_pool, dropout=self.dropout)
         self.net_ = build_st_dac_net(self.variant, X.shape[1], X.shape[2], self.n_clusters, **kw).to(self.device_)
@@ -230,22 +228,10 @@ class DeepAdaptiveClustering:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X (N x C x H x W in [0, 1]); `y` is ignored."
-        X = check_image_input(X)
-        if len(X) < max(self.batch_size, self.n_clusters): raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} images, got {len(X)}')
+        X = self._check_fit_input(X, max(self.batch_size, self.n_clusters))
         seed_everything(self.random_state)
         self._build(X)
-        self.snapshots_ = ResumableState()
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr)
-        self.history_ = run_epochs(self.epochs, lambda e: self._epoch(X, opt, e, on_epoch), checkpoint,
-                                   {'net': self.net_, 'opt': opt, 'snapshots': self.snapshots_})
-        self.labels_ = self.predict(X)
-        return self
-
-    def _check_fitted(self, X) -> torch.Tensor:
-        if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = check_image_input(X)
-        if X.shape[1:] != self.image_shape_: raise ValueError(f'X has images of shape {tuple(X.shape[1:])}, the model was fitted on {tuple(self.image_shape_)}')
-        return X
+        return self._train(X, torch.optim.Adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
 
     def predict_proba(self, X) -> np.ndarray:
         "The softmax outputs of the network (before the l2 normalisation)."
@@ -256,14 +242,6 @@ class DeepAdaptiveClustering:
     def transform(self, X) -> np.ndarray:
         "DAC's label features f(X): the softmax outputs divided by their norm."
         return label_features(torch.from_numpy(self.predict_proba(X))).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        "Cluster of each image: the argmax of its label feature."
-        return self.predict_proba(X).argmax(1).astype(np.int64)
-
-    def fit_predict(self, X, y=None, **kw) -> np.ndarray:
-        "fit, then return `labels_`."
-        return self.fit(X, **kw).labels_
 
     def st1_output(self, X) -> torch.Tensor:
         "What the first ST layer makes of images X (for Figures 4 and 5)."

@@ -19,8 +19,8 @@ from .data import get_spec, imbalanced_subset, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
 from .records import make_record, read_record, record_path, write_record
-from .train import (Checkpoint, ResumableState, atomic_save, device_name, get_device, kmeans, minibatches,
-                                predict_batched, run_epochs, seed_everything)
+from .train import (Checkpoint, NeuralClusterer, atomic_save, device_name, get_device, kmeans, minibatches,
+                                predict_batched, seed_everything)
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'VC_ARCHS', 'VC_DIGITS', 'VC_DATASETS', 'VC_CPU', 'VC_ESTIMATOR_KEYS', 'VC_QUOTED',
@@ -225,8 +225,9 @@ def _check_vectors(X) -> torch.Tensor:
     if not torch.isfinite(X).all(): raise ValueError('the input contains NaN or infinite values')
     return X.float()
 
-class VariationalClustering:
+class VariationalClustering(NeuralClusterer):
     "Prasad et al.'s VAE with a learnt Gaussian-mixture prior, with scikit-learn's fit/predict interface."
+    _sample_kind = 'samples'
     def __init__(self, n_clusters: int = 10, arch: str = 'mnist', latent_dim: int | None = None, epochs: int = 100,
                  batch_size: int = 100, lr: float = 1e-3, lambda_recons: float = 0.5, lambda_aug=(0.01, 0.5, 1.0),
                  aug_milestones=(40, 80), decoder_width: float = 1.0, encoder_width: float = 1.0, kl_warmup_epochs: int = 0, augment=None,
@@ -278,24 +279,13 @@ class VariationalClustering:
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on X (images N x C x H x W in [0, 1], or N x D vectors for `arch='toy'`); `y` is ignored."
-        X = self._check(X)
-        if len(X) < max(self.batch_size, self.n_clusters): raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} samples, got {len(X)}')
+        X = self._check_fit_input(X, max(self.batch_size, self.n_clusters))
         seed_everything(self.random_state)
         self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
         self.net_ = build_vc_net(self.arch, self.n_clusters, self.input_shape_, self.latent_dim, self.decoder_width,
                                  self.encoder_width).to(self.device_)
-        self.snapshots_ = ResumableState()
         opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, betas=(0.9, 0.999))
-        self.history_ = run_epochs(self.epochs, lambda e: self._epoch(X, opt, e, on_epoch), checkpoint,
-                                   {'net': self.net_, 'opt': opt, 'snapshots': self.snapshots_})
-        self.labels_ = self.predict(X)
-        return self
-
-    def _check_fitted(self, X) -> torch.Tensor:
-        if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = self._check(X)
-        if tuple(X.shape[1:]) != self.input_shape_: raise ValueError(f'X has samples of shape {tuple(X.shape[1:])}, the model was fitted on {self.input_shape_}')
-        return X
+        return self._train(X, opt, checkpoint, on_epoch)
 
     def _posterior(self, X):
         "q(k|x), and the mean and variance of q(z|x,k), for every sample (batched, on the CPU)."
@@ -304,10 +294,6 @@ class VariationalClustering:
     def predict_proba(self, X) -> np.ndarray:
         "$q_\\omega(k|x)$ for every sample."
         return self._posterior(X)[0].numpy()
-
-    def predict(self, X) -> np.ndarray:
-        "Cluster of each sample: the argmax of $q_\\omega(k|x)$."
-        return self.predict_proba(X).argmax(1).astype(np.int64)
 
     def transform(self, X) -> np.ndarray:
         "The posterior mean $\\mu_\\psi(x, e_k)$ of each sample's most probable cluster (the latent code shown in Fig. 4)."
