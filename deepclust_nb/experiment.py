@@ -44,6 +44,7 @@ class Experiment:
     config: Callable[[str, str, str], dict]      # (variant, dataset, protocol) -> settings
     fit_predict: Callable[..., Prediction]       # (config, variant=, dataset=, seed=, device=, checkpoint=) -> Prediction
     quoted: list[dict] = field(default_factory=list)  # the paper's numbers: dataset, variant, acc/nmi/ari (%), split, source
+    synthetic: tuple[str, ...] = ()              # datasets `fit_predict` generates itself (no files, not in `dataset_names()`)
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
@@ -63,7 +64,7 @@ def build_config(exp: Experiment, variant: str, dataset: str, protocol: str, ove
     if variant not in exp.variants: raise ValueError(f"{exp.paper}: unknown variant {variant!r}; use one of {', '.join(exp.variants)}")
     if dataset not in exp.datasets: raise ValueError(f"{exp.paper}: unknown dataset {dataset!r}; use one of {', '.join(exp.datasets)}")
     if protocol not in PROTOCOLS: raise ValueError(f'unknown protocol {protocol!r}; use one of {PROTOCOLS}')
-    get_spec(dataset)
+    if dataset not in exp.synthetic: get_spec(dataset)
     cfg = dict(exp.config(variant, dataset, protocol))
     for k, v in (overrides or {}).items():
         if k not in cfg: raise ValueError(f"{exp.paper}: no setting {k!r} to override; settings: {', '.join(cfg)}")

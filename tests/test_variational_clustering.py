@@ -132,3 +132,14 @@ def test_run_toy_refuses_an_unknown_setting_and_records_its_tag(tmp_path, monkey
     rec = run_toy(1, 'elbo', results=tmp_path)
     assert (rec['tag'], rec['seed'], rec['config']['lambda_recons'], rec['split']) == ('elbo', 1, 1.0, 'all')
     assert (tmp_path / 'variational_clustering' / 'full__five_arcs__paper__seed1__elbo.artifacts.pt').exists()
+    # it goes through run_experiment: the record has the provenance and the confusion matrix, k-means beside it
+    assert rec['commit'] and len(rec['confusion']) == 5 and 0 <= rec['kmeans_metrics']['acc'] <= 1
+    assert run_toy(1, 'elbo', results=tmp_path)['finished_at'] == rec['finished_at']     # read back, not retrained
+
+
+def test_five_arcs_is_a_generated_dataset_of_the_experiment():
+    from deepclust_nb.experiment import build_config
+    from deepclust_nb.variational_clustering import VARIATIONAL_CLUSTERING
+    cfg = build_config(VARIATIONAL_CLUSTERING, 'full', 'five_arcs', 'cpu', {'lambda_recons': 1.0})
+    assert (cfg['arch'], cfg['k'], cfg['n'], cfg['lambda_recons'], cfg['lambda_aug']) == ('toy', 5, 10_000, 1.0, (0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match='unknown dataset'): build_config(VARIATIONAL_CLUSTERING, 'full', 'four_arcs', 'cpu')
