@@ -147,6 +147,8 @@ def fmt_mean_std(mean: float, std: float, n: int, scale: float = 100.0, digits: 
 def paper_vs_ours(df: pd.DataFrame, quoted: list[dict], metrics=('acc', 'nmi', 'ari'), keys=('dataset', 'variant'),
                   digits: int = 1) -> pd.DataFrame:
     "One row per (dataset, variant, source): the paper's quoted numbers (percent) next to ours (mean ± std, n)."
+    if 'tag' in df.columns and 'variant' in keys:   # a tagged run changed a setting: it never pools with the untagged
+        df = df.assign(variant=[f'{v} ({t})' if t else v for v, t in zip(df.variant, df.tag)])
     summ = summarize(df, by=(*keys, 'split', 'protocol'), metrics=metrics)
     rows = []
     for _, s in summ.iterrows():
