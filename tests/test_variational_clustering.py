@@ -125,16 +125,14 @@ def test_a_short_toy_run_with_the_plain_elbo_and_a_warm_up_separates_the_arcs():
     assert est.history_[-1]['kl'] > 0.5
 
 
-def test_run_toy_refuses_an_unknown_setting_and_records_its_tag(tmp_path, monkeypatch):
+def test_run_toy_refuses_an_unknown_setting_and_records_its_tag(tmp_path):
     with pytest.raises(ValueError, match='unknown toy setting'): run_toy(0, 'nope', results=tmp_path)
-    from deepclust_nb import variational_clustering as vc
-    monkeypatch.setitem(vc.TOY_CONFIG, 'n', 300); monkeypatch.setitem(vc.TOY_CONFIG, 'epochs', 1)
-    rec = run_toy(1, 'elbo', results=tmp_path)
+    rec = run_toy(1, 'elbo', results=tmp_path, n=300, epochs=1)
     assert (rec['tag'], rec['seed'], rec['config']['lambda_recons'], rec['split']) == ('elbo', 1, 1.0, 'all')
     assert (tmp_path / 'variational_clustering' / 'full__five_arcs__paper__seed1__elbo.artifacts.pt').exists()
     # it goes through run_experiment: the record has the provenance and the confusion matrix, k-means beside it
     assert rec['commit'] and len(rec['confusion']) == 5 and 0 <= rec['kmeans_metrics']['acc'] <= 1
-    assert run_toy(1, 'elbo', results=tmp_path)['finished_at'] == rec['finished_at']     # read back, not retrained
+    assert run_toy(1, 'elbo', results=tmp_path, n=300, epochs=1)['finished_at'] == rec['finished_at']     # read back, not retrained
 
 
 def test_five_arcs_is_a_generated_dataset_of_the_experiment():
