@@ -14,7 +14,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 # %% auto #0
-__all__ = ['as_labels', 'cluster_mapping', 'cluster_acc', 'nmi', 'ari', 'evaluate', 'mapped_confusion']
+__all__ = ['as_labels', 'cluster_mapping', 'cluster_acc', 'cluster_purity', 'nmi', 'ari', 'evaluate', 'mapped_confusion']
 
 # %% ../nbs/01_metrics.ipynb #e52ede42
 def as_labels(a, name: str = 'labels') -> np.ndarray:
@@ -62,6 +62,12 @@ def _brute_force_acc(y_true, y_pred) -> float:
         for perm in itertools.permutations(clusters, len(classes)):
             m = dict(zip(perm, classes)); best = max(best, sum(m.get(c, None) == l for c, l in zip(p, t)))
     return best / len(t)
+
+# %% ../nbs/01_metrics.ipynb #8cebd0da
+def cluster_purity(y_true, y_pred) -> float:
+    "Many-to-one accuracy: every cluster is mapped to its most frequent class (several clusters may share one)."
+    t, p = _pair(y_true, y_pred)
+    return float(contingency_matrix(t, p).max(axis=0).sum() / len(t))
 
 # %% ../nbs/01_metrics.ipynb #4a6d5e07
 def nmi(y_true, y_pred) -> float:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from deepclust_nb.metrics import (_brute_force_acc, ari, as_labels, cluster_acc, cluster_mapping, evaluate,
+from deepclust_nb.metrics import (_brute_force_acc, ari, as_labels, cluster_acc, cluster_mapping, cluster_purity, evaluate,
                                   mapped_confusion, nmi)
 
 
@@ -65,3 +65,18 @@ def test_mapped_confusion_diagonal():
     cm = mapped_confusion(t, p)
     assert cm.shape == (5, 5) and np.trace(cm) / len(t) == pytest.approx(cluster_acc(t, p))
     assert mapped_confusion([0, 0, 1], [0, 1, 2]).shape == (2, 3)
+
+
+def test_purity_many_to_one():
+    assert cluster_purity([0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1]) == pytest.approx(4 / 6)
+    assert cluster_purity([0, 0, 1, 1], [0, 1, 2, 3]) == 1.0                   # refinement: pure, ACC only 0.5
+    assert cluster_purity([0, 0, 1, 1], [5, 5, 5, 5]) == pytest.approx(0.5)
+    y = np.repeat(np.arange(10), 10)
+    assert cluster_purity(y, y // 2) == pytest.approx(0.5)                    # K = 5 < 10 classes: the 5 largest at most
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        t, p = rng.integers(0, 5, 60), rng.integers(0, 8, 60)
+        assert cluster_acc(t, p) <= cluster_purity(t, p) <= 1.0
+        # brute force: the majority class of every cluster
+        assert cluster_purity(t, p) == pytest.approx(sum(np.bincount(t[p == c]).max() for c in np.unique(p)) / len(t))
+    with pytest.raises(ValueError): cluster_purity([0, 1], [0])
