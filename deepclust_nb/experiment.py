@@ -85,12 +85,13 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
     ckpt = Checkpoint(results_dir(results).parent/'checkpoints'/paper/f'{name}.pt', every=cfg.get('checkpoint_every', 1))
     seed_everything(seed)
     provenance = git_commit()      # the code that starts the run, even if commits land while it trains
+    resumed = ckpt.path.exists()   # then wall_seconds counts only this session
     t0 = time.perf_counter()
     pred = exp.fit_predict(cfg, variant=variant, dataset=dataset, seed=seed, device=device, checkpoint=ckpt)
     wall = time.perf_counter() - t0
     y_true, y_pred = as_labels(pred.y_true, 'y_true'), as_labels(pred.y_pred, 'y_pred')
     rec = make_record(paper, variant, dataset, pred.split, protocol, seed, evaluate(y_true, y_pred), cfg,
-                      device_name(device), wall, tag=tag, n_samples=len(y_true),
+                      device_name(device), wall, tag=tag, n_samples=len(y_true), resumed=resumed,
                       n_clusters_found=int(len(np.unique(y_pred))), confusion=mapped_confusion(y_true, y_pred),
                       history=pred.history, **pred.extra)
     rec.update(provenance)

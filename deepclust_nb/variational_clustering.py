@@ -396,7 +396,8 @@ def vc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
     est.fit(x, checkpoint=checkpoint)
     fit_s = time.perf_counter() - t0
     pred = est.predict(xt)
-    extra = {'n_train': len(x), 'n_test': len(xt), 'fit_seconds': fit_s, 'seconds_per_epoch': fit_s / cfg['epochs'],
+    train_s = sum(h['seconds'] for h in est.history_)   # over every session of a resumed run
+    extra = {'n_train': len(x), 'n_test': len(xt), 'fit_seconds': fit_s, 'seconds_per_epoch': train_s / len(est.history_),
              'samples_per_s': float(np.mean([h['samples_per_s'] for h in est.history_])),
              'train_metrics': evaluate(y, est.labels_),
              'purity': cluster_purity(yt, pred)}   # many-to-one ACC: Table I's K = 8 / 20 columns
