@@ -56,6 +56,27 @@ def test_record_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
     finally: del EXPERIMENTS['const2']
 
 
+def test_interrupted_run_resumes_and_says_so(tmp_path):
+    "A run killed after its first epoch continues from the checkpoint; the record marks it resumed, a fresh run not."
+    from deepclust_nb.train import run_epochs
+    calls = []
+    def fp(cfg, variant, dataset, seed, device, checkpoint):
+        def epoch(e):
+            calls.append(e)
+            if cfg['crash'] and e == 1: raise KeyboardInterrupt
+            return {'loss': float(e)}
+        hist = run_epochs(3, epoch, checkpoint)
+        return Prediction(np.zeros(4, dtype=int), np.array([0, 0, 1, 1]), 'test', history=hist)
+    register(Experiment('const3', 'constant', ('one',), ('digits',), lambda v, d, p: {'crash': True}, fp))
+    try:
+        with pytest.raises(KeyboardInterrupt): run_experiment('const3', 'one', 'digits', results=tmp_path / 'results')
+        r = run_experiment('const3', 'one', 'digits', results=tmp_path / 'results', crash=False)
+        assert calls == [0, 1, 1, 2] and [h['epoch'] for h in r['history']] == [1, 2, 3] and r['resumed'] is True
+        fresh = run_experiment('const3', 'one', 'digits', results=tmp_path / 'results', crash=False, tag='fresh')
+        assert fresh['resumed'] is False
+    finally: del EXPERIMENTS['const3']
+
+
 @pytest.mark.parametrize('args,msg', [(('pixel', 'digits', 'cpu'), 'unknown variant'), (('pixels', 'stl10', 'cpu'), 'unknown dataset'),
                                       (('pixels', 'digits', 'gpu'), 'unknown protocol')])
 def test_bad_names(args, msg):
