@@ -17,7 +17,7 @@ from .augment import color_jitter, compose, random_affine, random_hflip
 from .data import get_spec, load_dataset, stratified_subset, to_grayscale
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, NeuralClusterer, get_device, kmeans, predict_batched, seed_everything
+from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, kmeans, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['GAT_WEIGHTS', 'GAT_DIGITS', 'GAT_DATASETS', 'GAT_VARIANTS', 'GAT_CPU', 'GAT_ESTIMATOR_KEYS', 'GAT_QUOTED',
@@ -268,7 +268,7 @@ def gatcluster_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, dev
     est.fit(x, checkpoint=checkpoint)
     fit_s = time.perf_counter() - t0
     proba = est.predict_proba(x)
-    extra = {'n_images': len(x), 'fit_seconds': fit_s, 'minutes_per_epoch': fit_s / 60 / e,
+    extra = {'n_images': len(x), 'fit_seconds': fit_s, 'minutes_per_epoch': minutes_per_epoch(est.history_),
              'images_per_s': float(np.mean([h['images_per_s'] for h in est.history_]))}
     art = {}
     if cfg['save_artifacts']:

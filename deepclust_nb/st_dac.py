@@ -17,7 +17,7 @@ from .augment import compose, random_affine, random_channel_shift, random_hflip
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, NeuralClusterer, get_device, minibatches, predict_batched, seed_everything
+from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, minibatches, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['DAC_SCHEDULES', 'ST_DAC_VARIANTS', 'ST_DAC_DIGITS', 'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_ESTIMATOR_KEYS',
@@ -287,7 +287,7 @@ def st_dac_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device,
     t0 = time.perf_counter()
     est.fit(x, checkpoint=checkpoint, on_epoch=curve)
     fit_s = time.perf_counter() - t0
-    extra = {'n_images': len(x), 'fit_seconds': fit_s, 'minutes_per_epoch': fit_s / 60 / cfg['epochs'],
+    extra = {'n_images': len(x), 'fit_seconds': fit_s, 'minutes_per_epoch': minutes_per_epoch(est.history_),
              'images_per_s': float(np.mean([h['images_per_s'] for h in est.history_]))}
     art = {}
     if cfg['save_artifacts'] and variant != 'dac_star' and est.net_.n_st:

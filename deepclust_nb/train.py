@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,7 +22,8 @@ from .augment import check_image_input
 
 # %% auto #0
 __all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'predict_batched', 'KMeansResult', 'kmeans',
-           'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'run_epochs', 'NeuralClusterer']
+           'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'run_epochs',
+           'minutes_per_epoch', 'NeuralClusterer']
 
 # %% ../nbs/03_train.ipynb #d54a7096
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -151,10 +153,18 @@ def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Check
         saved = checkpoint.restore(**objects)
         if saved is not None: start, history = saved['epoch'], saved['history']
     for epoch in progress(range(start, n_epochs), desc=desc, total=n_epochs - start):
-        history.append({'epoch': epoch + 1, **(epoch_fn(epoch) or {})})
+        t0 = time.perf_counter()
+        logs = epoch_fn(epoch) or {}
+        history.append({'epoch': epoch + 1, **logs, 'epoch_seconds': time.perf_counter() - t0})
         if checkpoint is not None and ((epoch + 1) % checkpoint.every == 0 or epoch + 1 == n_epochs):
             checkpoint.save({'epoch': epoch + 1, 'history': history}, **objects)
     return history
+
+# %% ../nbs/03_train.ipynb #3169b2a1
+def minutes_per_epoch(history: list[dict]) -> float | None:
+    "Mean wall minutes per epoch over the entries of `history` that carry `epoch_seconds` (None when none do)."
+    secs = [h['epoch_seconds'] for h in history if 'epoch_seconds' in h]
+    return float(np.mean(secs)) / 60 if secs else None
 
 # %% ../nbs/03_train.ipynb #9cd64b7c
 class NeuralClusterer:

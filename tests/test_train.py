@@ -1,4 +1,5 @@
 import random
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from deepclust_nb.data import load_dataset
 from deepclust_nb.metrics import evaluate
 from deepclust_nb.train import (Checkpoint, ResumableState, atomic_save, device_name, get_device, kmeans, minibatches,
-                                predict_batched, progress, run_epochs, seed_everything)
+                                minutes_per_epoch, predict_batched, progress, run_epochs, seed_everything)
 
 
 def test_device_choice(monkeypatch):
@@ -91,7 +92,17 @@ def test_resume_gives_identical_result(tmp_path, crash_at):
     with pytest.raises(KeyboardInterrupt): _train(tmp_path/'run.pt', crash_at=crash_at)
     resumed, h = _train(tmp_path/'run.pt')
     assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), resumed.parameters()))
-    assert h == h_ref and len(h) == 5
+    untimed = lambda hist: [{k: v for k, v in e.items() if k != 'epoch_seconds'} for e in hist]
+    assert untimed(h) == untimed(h_ref) and len(h) == 5
+    assert all(e['epoch_seconds'] > 0 for e in h)       # the epochs before the crash keep theirs from the checkpoint
+
+
+def test_epoch_seconds_time_each_epoch():
+    h = run_epochs(3, lambda e: time.sleep(0.02 * (e + 1)) or {'e': e})
+    assert [e['e'] for e in h] == [0, 1, 2]
+    assert all(0.02 * (i + 1) <= e['epoch_seconds'] < 0.02 * (i + 1) + 0.5 for i, e in enumerate(h))
+    assert minutes_per_epoch(h) == pytest.approx(sum(e['epoch_seconds'] for e in h) / 3 / 60)
+    assert minutes_per_epoch([{'epoch': 1}]) is None
 
 
 def test_checkpoint_every_and_errors(tmp_path):
