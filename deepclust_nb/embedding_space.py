@@ -62,10 +62,14 @@ def reconstruction_loss(logits: torch.Tensor, x: torch.Tensor, reduction: str = 
 
 # %% ../nbs/30_embedding_space.ipynb #112f4c9f
 class RepresentationNetwork(nn.Module):
-    "The map h: Z -> E, d-2000-500-500-d with ReLU hidden layers."
-    def __init__(self, latent_dim: int = 10, hidden=(2000, 500, 500)):
+    "The map h: Z -> E, d-2000-500-500-d with ReLU hidden layers; `init` 'default' (PyTorch's) or 'identity' (authors' code)."
+    def __init__(self, latent_dim: int = 10, hidden=(2000, 500, 500), init: str = 'default'):
         super().__init__()
+        if init not in ('default', 'identity'): raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
         self.net = mlp([latent_dim, *hidden, latent_dim])
+        if init == 'identity':
+            for m in self.net:
+                if isinstance(m, nn.Linear): nn.init.eye_(m.weight); nn.init.zeros_(m.bias)
     def forward(self, z: torch.Tensor) -> torch.Tensor: return self.net(z)
 
 # %% ../nbs/30_embedding_space.ipynb #ecb463f7
@@ -125,7 +129,7 @@ class EmbeddingClustering:
     def __init__(self, n_clusters: int = 10, latent_dim: int = 10, hidden=(500, 500, 2000), rep_hidden=(2000, 500, 500),
                  noise_std: float = 0.2, pretrain_epochs: int = 10, joint_epochs: int = 50, batch_size: int = 100,
                  lr: float = 1e-3, gamma: float = 0.01, alpha: float | None = None, normalize: str = 'column',
-                 recon_reduction: str = 'sum', cluster_space: str = 'embedding', n_init: int = 10,
+                 recon_reduction: str = 'sum', cluster_space: str = 'embedding', n_init: int = 10, rep_init: str = 'default',
                  snapshot_epochs=(), snapshot_size: int = 5000, device=None, random_state: int = 0, verbose: bool = False):
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
         if cluster_space not in ('embedding', 'latent'): raise ValueError(f"cluster_space must be 'embedding' or 'latent', got {cluster_space!r}")
@@ -135,7 +139,7 @@ class EmbeddingClustering:
     def _build(self, in_dim: int):
         self.device_ = get_device(self.device)
         self.autoencoder_ = DenoisingAutoencoder(in_dim, self.latent_dim, self.hidden, self.noise_std).to(self.device_)
-        self.representation_ = RepresentationNetwork(self.latent_dim, self.rep_hidden).to(self.device_)
+        self.representation_ = RepresentationNetwork(self.latent_dim, self.rep_hidden, self.rep_init).to(self.device_)
 
     def _pretrain_epoch(self, X: torch.Tensor, opt) -> dict:
         ae, total = self.autoencoder_.train(), 0.0
@@ -229,7 +233,7 @@ def es_config(variant: str, dataset: str, protocol: str) -> dict:
     return dict(latent_dim=10, hidden=(256, 256, 512) if small else (500, 500, 2000),
                 rep_hidden=(512, 256, 256) if small else (2000, 500, 500), noise_std=0.2, pretrain_epochs=pre,
                 joint_epochs=joint if variant == 'full' else 0, batch_size=100, lr=1e-3, gamma=0.01, alpha=None,
-                normalize='column', recon_reduction='sum', n_init=10, split='all', subset=None,
+                normalize='column', recon_reduction='sum', n_init=10, rep_init='default', split='all', subset=None,
                 snapshot_epochs=(0, 1, 5, 20, joint) if variant == 'full' else ())
 
 def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
@@ -237,7 +241,7 @@ def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
     x, y = load_dataset(dataset, cfg['split'])
     if cfg['subset']: x, y = stratified_subset(x, y, cfg['subset'], seed=seed)
     keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'joint_epochs', 'batch_size', 'lr',
-            'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'snapshot_epochs')
+            'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'rep_init', 'snapshot_epochs')
     est = EmbeddingClustering(n_clusters=10, cluster_space='embedding' if variant == 'full' else 'latent',
                               device=device, random_state=seed, **{k: cfg[k] for k in keys})
     pre_keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'batch_size', 'lr', 'recon_reduction', 'split', 'subset')

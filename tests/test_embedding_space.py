@@ -41,6 +41,20 @@ def test_cross_entropy_identity_and_minimum():
     with pytest.raises(ValueError, match='differ in shape'): embedding_loss(p, q[:3, :3])
 
 
+def test_identity_init_is_relu_and_trains_only_first_d_units():
+    rep = RepresentationNetwork(4, (32, 16), init='identity')
+    z = torch.randn(50, 4)
+    assert torch.equal(rep(z), z.clamp(min=0))
+    rep(z).sum().backward()
+    hidden = [m for m in rep.net if isinstance(m, torch.nn.Linear)][:-1]
+    for m in hidden:                      # zero weights + zero bias + ReLU: units beyond the first 4 get no gradient
+        assert m.weight.grad[4:].abs().sum() == 0 and m.bias.grad[4:].abs().sum() == 0
+        assert m.weight.grad[:4].abs().sum() > 0
+    assert not torch.equal(RepresentationNetwork(4, (32, 16))(z), z.clamp(min=0))
+    with pytest.raises(ValueError, match='init must be'): RepresentationNetwork(4, init='orthogonal')
+    assert es_config('full', 'mnist', 'cpu')['rep_init'] == 'default'
+
+
 def test_gradient_paths():
     torch.manual_seed(0)
     ae, rep = DenoisingAutoencoder(16, noise_std=0.0, **{k: v for k, v in SMALL.items() if k != 'rep_hidden'}), RepresentationNetwork(4, (32, 16))
