@@ -124,16 +124,24 @@ def _check_X(X, name='X') -> torch.Tensor:
     if not torch.isfinite(X).all(): raise ValueError(f'{name} contains NaN or infinite values')
     return X
 
+def _finite(logs: dict, stage: str) -> dict:
+    "Stop a diverged run before its NaN weights are checkpointed, with a hint at the usual cause."
+    bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
+    if bad: raise FloatingPointError(f'{stage} diverged: {bad}; lower lr (SGD on the summed reconstruction loss needs '
+                                     f"recon_reduction='mean')")
+    return logs
+
 class EmbeddingClustering:
     "Autoencoder + Representation Network + k-means (Dahal 2019), with scikit-learn's fit/predict interface."
     def __init__(self, n_clusters: int = 10, latent_dim: int = 10, hidden=(500, 500, 2000), rep_hidden=(2000, 500, 500),
                  noise_std: float = 0.2, pretrain_epochs: int = 10, joint_epochs: int = 50, batch_size: int = 100,
                  lr: float = 1e-3, gamma: float = 0.01, alpha: float | None = None, normalize: str = 'column',
                  recon_reduction: str = 'sum', cluster_space: str = 'embedding', n_init: int = 10, rep_init: str = 'default',
-                 snapshot_epochs=(), snapshot_size: int = 5000, device=None, random_state: int = 0, verbose: bool = False):
+                 optimizer: str = 'adam', shuffle: bool = True, snapshot_epochs=(), snapshot_size: int = 5000, device=None, random_state: int = 0, verbose: bool = False):
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
         if cluster_space not in ('embedding', 'latent'): raise ValueError(f"cluster_space must be 'embedding' or 'latent', got {cluster_space!r}")
         if pretrain_epochs < 0 or joint_epochs < 0: raise ValueError('epochs must be >= 0')
+        if optimizer not in ('adam', 'sgd_nesterov'): raise ValueError(f"optimizer must be 'adam' or 'sgd_nesterov', got {optimizer!r}")
         self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
 
     def _build(self, in_dim: int):
@@ -141,24 +149,29 @@ class EmbeddingClustering:
         self.autoencoder_ = DenoisingAutoencoder(in_dim, self.latent_dim, self.hidden, self.noise_std).to(self.device_)
         self.representation_ = RepresentationNetwork(self.latent_dim, self.rep_hidden, self.rep_init).to(self.device_)
 
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        "Adam (the paper) or SGD with Nesterov momentum 0.9 (the authors' MNIST script), both at `lr`."
+        if self.optimizer == 'adam': return torch.optim.Adam(params, lr=self.lr)
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True)
+
     def _pretrain_epoch(self, X: torch.Tensor, opt) -> dict:
         ae, total = self.autoencoder_.train(), 0.0
-        for idx in minibatches(len(X), self.batch_size):
+        for idx in minibatches(len(X), self.batch_size, shuffle=self.shuffle):
             xb = X[idx.to(X.device)]
             loss = reconstruction_loss(ae(xb)[1], xb, self.recon_reduction)
             opt.zero_grad(); loss.backward(); opt.step(); total += loss.item() * (len(xb) if self.recon_reduction == 'mean' else 1)
-        return {'l_r': total / len(X)}                     # reconstruction cross-entropy per sample
+        return _finite({'l_r': total / len(X)}, 'pre-training')   # reconstruction cross-entropy per sample
 
     def _joint_epoch(self, X: torch.Tensor, opt) -> dict:
         self.autoencoder_.train(); self.representation_.train()
         tr, te, nb = 0.0, 0.0, 0
-        for idx in minibatches(len(X), self.batch_size, drop_last=True):   # L_E needs pairs: full batches only
+        for idx in minibatches(len(X), self.batch_size, shuffle=self.shuffle, drop_last=True):   # L_E needs pairs: full batches only
             xb = X[idx.to(X.device)]
             out = joint_gradients(self.autoencoder_, self.representation_, xb, self.gamma, self.alpha, self.normalize,
                                   self.recon_reduction)
             opt.step(); nb += 1
             tr += out['l_r'].item() * (len(xb) if self.recon_reduction == 'mean' else 1); te += out['l_e'].item()
-        return {'l_r': tr / (nb * self.batch_size), 'l_e': te / nb}
+        return _finite({'l_r': tr / (nb * self.batch_size), 'l_e': te / nb}, 'joint training')
 
     def _snapshot(self, X: torch.Tensor, idx: torch.Tensor) -> dict:
         Z = predict_batched(self.autoencoder_, X[idx.to(X.device)], device=self.device_)[0]
@@ -177,11 +190,11 @@ class EmbeddingClustering:
         own_pre = pretrained is None and checkpoint is not None
         pre_ckpt = (Checkpoint(pretrained) if pretrained else
                     Checkpoint(checkpoint.path.with_name(checkpoint.path.stem + '.pretrain.pt')) if checkpoint else None)
-        opt_pre = torch.optim.Adam(self.autoencoder_.parameters(), lr=self.lr)
+        opt_pre = self._optimizer(self.autoencoder_.parameters())
         pre_hist = run_epochs(self.pretrain_epochs, lambda e: self._pretrain_epoch(Xd, opt_pre), pre_ckpt,
                               {'ae': self.autoencoder_, 'opt': opt_pre}, desc='pretrain')
         # Stage 2: joint training, one optimiser over all parameters (the gradients are set by joint_gradients)
-        opt = torch.optim.Adam([*self.autoencoder_.parameters(), *self.representation_.parameters()], lr=self.lr)
+        opt = self._optimizer([*self.autoencoder_.parameters(), *self.representation_.parameters()])
         state = ResumableState(snapshots={})
         def joint_epoch(epoch):
             if epoch == 0 and 0 in self.snapshot_epochs: state['snapshots'][0] = self._snapshot(Xd, snap_idx)
@@ -233,7 +246,8 @@ def es_config(variant: str, dataset: str, protocol: str) -> dict:
     return dict(latent_dim=10, hidden=(256, 256, 512) if small else (500, 500, 2000),
                 rep_hidden=(512, 256, 256) if small else (2000, 500, 500), noise_std=0.2, pretrain_epochs=pre,
                 joint_epochs=joint if variant == 'full' else 0, batch_size=100, lr=1e-3, gamma=0.01, alpha=None,
-                normalize='column', recon_reduction='sum', n_init=10, rep_init='default', split='all', subset=None,
+                normalize='column', recon_reduction='sum', n_init=10, rep_init='default', optimizer='adam', shuffle=True,
+                split='all', subset=None,
                 snapshot_epochs=(0, 1, 5, 20, joint) if variant == 'full' else ())
 
 def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
@@ -241,11 +255,12 @@ def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
     x, y = load_dataset(dataset, cfg['split'])
     if cfg['subset']: x, y = stratified_subset(x, y, cfg['subset'], seed=seed)
     keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'joint_epochs', 'batch_size', 'lr',
-            'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'rep_init', 'snapshot_epochs')
+            'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'rep_init', 'optimizer', 'shuffle', 'snapshot_epochs')
     est = EmbeddingClustering(n_clusters=10, cluster_space='embedding' if variant == 'full' else 'latent',
                               device=device, random_state=seed, **{k: cfg[k] for k in keys})
     pre_keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'batch_size', 'lr', 'recon_reduction', 'split', 'subset')
-    key = hashlib.md5(json.dumps([dataset, seed, str(device)] + [cfg[k] for k in pre_keys]).encode()).hexdigest()[:10]
+    changed = [[k, cfg.get(k, d)] for k, d in (('optimizer', 'adam'), ('shuffle', True)) if cfg.get(k, d) != d]   # keeps older caches' keys
+    key = hashlib.md5(json.dumps([dataset, seed, str(device)] + [cfg[k] for k in pre_keys] + changed).encode()).hexdigest()[:10]
     cache = checkpoint.path.parent/f'pretrain__{dataset}__seed{seed}__{key}.pt'   # shared by ae_kmeans and full
     t0 = time.perf_counter()
     est.fit(x.flatten(1), checkpoint=checkpoint, pretrained=cache)

@@ -100,6 +100,30 @@ def test_bad_input():
     est = EmbeddingClustering(**SMALL, pretrain_epochs=1, joint_epochs=1, n_init=1).fit(np.random.rand(200, 8))
     with pytest.raises(ValueError, match='has 5 features, the model was fitted on 8'): est.predict(np.random.rand(3, 5))
     with pytest.raises(RuntimeError, match='fit first'): EmbeddingClustering().transform(np.random.rand(3, 8))
+    with pytest.raises(ValueError, match='optimizer'): EmbeddingClustering(optimizer='rmsprop')
+
+
+def test_authors_optimizer_and_batch_order_and_divergence(tmp_path):
+    X = load_dataset('digits', 'train')[0].flatten(1)
+    est = EmbeddingClustering(**SMALL, optimizer='sgd_nesterov', shuffle=False, recon_reduction='mean', pretrain_epochs=2,
+                              joint_epochs=1, n_init=1)
+    opt = est._optimizer(torch.nn.Linear(2, 2).parameters())
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults['nesterov'] and opt.defaults['momentum'] == 0.9
+    seen, orig = [], torch.randperm
+    def spy(*a, **k):
+        if 'generator' not in k: seen.append(a)
+        return orig(*a, **k)
+    try:                      # a fixed batch order never draws a permutation from the global generator
+        torch.randperm = spy
+        est.fit(X)
+    finally: torch.randperm = orig
+    assert not [a for a in seen if a and a[0] == len(X)]
+    l_r = [h['l_r'] for h in est.history_]
+    assert np.isfinite(l_r).all() and l_r[1] < l_r[0]
+    ck = tmp_path/'run.pt'
+    with pytest.raises(FloatingPointError, match='pre-training diverged'):
+        EmbeddingClustering(**SMALL, optimizer='sgd_nesterov', lr=100., pretrain_epochs=2, joint_epochs=0).fit(
+            X, checkpoint=Checkpoint(ck))
 
 
 def test_beats_kmeans_on_digits():
