@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,13 +16,13 @@ import torch
 
 from .data import get_spec
 from .metrics import as_labels, evaluate, mapped_confusion
-from .records import (PROTOCOLS, git_commit, load_records, make_record, paper_vs_ours, read_record, record_path,
+from .records import (PROTOCOLS, _jsonable, git_commit, load_records, make_record, paper_vs_ours, read_record, record_path,
                                   results_dir, run_name, write_record)
 from .train import Checkpoint, atomic_save, device_name, get_device, seed_everything
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'Prediction', 'Experiment', 'register', 'get_experiment', 'build_config', 'run_experiment',
-           'load_artifacts', 'run_grid', 'paper_table']
+__all__ = ['EXPERIMENTS', 'Prediction', 'Experiment', 'register', 'get_experiment', 'build_config', 'StaleRecordWarning',
+           'config_drift', 'run_experiment', 'load_artifacts', 'run_grid', 'paper_table']
 
 # %% ../nbs/03c_experiment.ipynb #d93a7eff
 @dataclass
@@ -72,6 +73,14 @@ def build_config(exp: Experiment, variant: str, dataset: str, protocol: str, ove
     return cfg
 
 # %% ../nbs/03c_experiment.ipynb #adb2c233
+class StaleRecordWarning(UserWarning):
+    "A stored record that `skip_existing` returns was run with other settings than the ones requested."
+
+def config_drift(stored: dict, requested: dict) -> dict:
+    "Settings whose stored value differs from the requested one, as `{key: (stored, requested)}` (keys on one side only are not compared)."
+    want = _jsonable(requested)
+    return {k: (stored[k], want[k]) for k in sorted(stored.keys() & want.keys()) if stored[k] != want[k]}
+
 def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu', seed: int = 0, device=None,
                    results: str | Path | None = None, tag: str = '', skip_existing: bool = False,
                    keep_checkpoint: bool = False, **overrides) -> dict:
@@ -80,7 +89,13 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
     cfg = build_config(exp, variant, dataset, protocol, overrides)
     name = run_name(variant, dataset, protocol, seed, tag)
     out = results_dir(results)/paper/f'{name}.json'
-    if skip_existing and out.exists(): return read_record(out)
+    if skip_existing and out.exists():
+        rec = read_record(out)
+        if drift := config_drift(rec['config'], cfg):
+            warnings.warn(f"{out.name} was run with other settings than requested (stored vs requested: "
+                          f"{', '.join(f'{k}={a!r} vs {b!r}' for k, (a, b) in drift.items())}); pass the settings it was "
+                          f"run with, or use another tag to run these", StaleRecordWarning, stacklevel=2)
+        return rec
     device = get_device(device)
     ckpt = Checkpoint(results_dir(results).parent/'checkpoints'/paper/f'{name}.pt', every=cfg.get('checkpoint_every', 1))
     seed_everything(seed)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from deepclust_nb.cli import load_papers, main, parse_overrides
-from deepclust_nb.experiment import (EXPERIMENTS, Experiment, Prediction, build_config, get_experiment, register,
-                                     run_experiment, run_grid)
+from deepclust_nb.experiment import (EXPERIMENTS, Experiment, Prediction, StaleRecordWarning, build_config,
+                                     get_experiment, register, run_experiment, run_grid)
 from deepclust_nb.records import RECORD_FIELDS, read_record
 
 
@@ -39,10 +39,23 @@ def test_labels_are_used_only_by_the_runner(tmp_path):
         r = run_experiment('const', 'one', 'digits', seed=4, results=tmp_path / 'results', epochs=3)
         assert r['metrics']['acc'] == pytest.approx(0.6) and r['config']['epochs'] == 3 and seen['seed'] == 4
         assert seen['ckpt'].endswith('checkpoints/const/one__digits__cpu__seed4.pt')
-        again = run_grid('const', ['one'], ['digits'], [4], results=tmp_path / 'results')
+        again = run_grid('const', ['one'], ['digits'], [4], results=tmp_path / 'results', epochs=3)
         assert again[0]['finished_at'] == r['finished_at']
     finally:
         del EXPERIMENTS['const']
+
+
+def test_skipping_a_record_run_with_other_settings_warns(tmp_path):
+    "A stored record is found by name; asking for it with other settings returns it (no re-run) but says what differs."
+    load_papers()
+    first = run_experiment('kmeans', 'pixels', 'digits', results=tmp_path, n_init=2)
+    with pytest.warns(StaleRecordWarning, match="n_init=2 vs 3"):
+        again = run_grid('kmeans', ['pixels'], ['digits'], [0], results=tmp_path, n_init=3)
+    assert again[0]['finished_at'] == first['finished_at']
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')       # the same settings: silent
+        run_grid('kmeans', ['pixels'], ['digits'], [0], results=tmp_path, n_init=2)
 
 
 def test_record_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
