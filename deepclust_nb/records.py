@@ -140,8 +140,9 @@ def summarize(df: pd.DataFrame, by=('dataset', 'variant', 'split', 'protocol'), 
     return out.reset_index()
 
 def fmt_mean_std(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
-    "`mean ± std (n=..)` in percent."
+    "`mean ± std (n=..)` in percent; a single run has no spread to show: `mean (n=1)`."
     if n == 0 or pd.isna(mean): return '–'
+    if n == 1: return f'{scale * mean:.{digits}f} (n=1)'
     return f'{scale * mean:.{digits}f} ± {scale * std:.{digits}f} (n={n})'
 
 def paper_vs_ours(df: pd.DataFrame, quoted: list[dict], metrics=('acc', 'nmi', 'ari'), keys=('dataset', 'variant'),

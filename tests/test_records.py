@@ -83,4 +83,4 @@ def test_tagged_runs_get_their_own_rows(tmp_path):
     for s in range(2): write_record(rec(seed=s), tmp_path)
     write_record(rec(seed=0, tag='pre50', metrics={'acc': 0.9, 'nmi': 0.9, 'ari': 0.9}), tmp_path)
     t = paper_vs_ours(load_records('p', tmp_path), []).set_index('variant')
-    assert t.loc['v', 'ACC'] == '50.0 ± 0.0 (n=2)' and t.loc['v (pre50)', 'ACC'] == '90.0 ± 0.0 (n=1)'
+    assert t.loc['v', 'ACC'] == '50.0 ± 0.0 (n=2)' and t.loc['v (pre50)', 'ACC'] == '90.0 (n=1)'
