@@ -1,5 +1,6 @@
 import json
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -52,7 +53,6 @@ def test_skipping_a_record_run_with_other_settings_warns(tmp_path):
     with pytest.warns(StaleRecordWarning, match="n_init=2 vs 3"):
         again = run_grid('kmeans', ['pixels'], ['digits'], [0], results=tmp_path, n_init=3)
     assert again[0]['finished_at'] == first['finished_at']
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('error')       # the same settings: silent
         run_grid('kmeans', ['pixels'], ['digits'], [0], results=tmp_path, n_init=2)
