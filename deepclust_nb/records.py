@@ -136,7 +136,7 @@ def summarize(df: pd.DataFrame, by=('dataset', 'variant', 'split', 'protocol'), 
     g = df.groupby(list(by), sort=False)
     out = g.size().rename('n').to_frame()
     for m in metrics:
-        out[f'{m}_mean'] = g[m].mean(); out[f'{m}_std'] = g[m].std(ddof=1).fillna(0.0)
+        out[f'{m}_mean'] = g[m].mean(); out[f'{m}_std'] = g[m].std(ddof=1)
     return out.reset_index()
 
 def fmt_mean_std(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
