@@ -22,7 +22,7 @@ from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, m
 # %% auto #0
 __all__ = ['DAC_SCHEDULES', 'ST_DAC_VARIANTS', 'ST_DAC_DIGITS', 'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_ESTIMATOR_KEYS',
            'ST_DAC_QUOTED', 'ST_DAC', 'label_features', 'dac_pair_targets', 'dac_pair_loss', 'dac_thresholds',
-           'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet', 'build_st_dac_net',
+           'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet', 'build_st_dac_net',
            'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_fit_predict']
 
 # %% ../nbs/10_st_dac.ipynb #064802b7
@@ -53,10 +53,10 @@ def dac_pair_loss(f: torch.Tensor, upper: float, lower: float, reference: torch.
     return loss, {'selected': (n_sel / v.numel()).item(), 'positive': (r * v).sum().item() / v.numel()}
 
 # %% ../nbs/10_st_dac.ipynb #8ffe751c
-DAC_SCHEDULES = ('linear', 'dac', 'code')
+DAC_SCHEDULES = ('linear', 'dac', 'code', 'balanced')
 
 def dac_thresholds(epoch: int, n_epochs: int, lower: float = 0.9, upper: float = 0.99, schedule: str = 'linear'):
-    "The thresholds (u, l) of Eq. 1 for `epoch` (0-based) of `n_epochs`."
+    "The thresholds (u, l) of Eq. 1 for `epoch` (0-based) of `n_epochs` ('balanced': u is replaced per batch by `balanced_upper`)."
     if schedule not in DAC_SCHEDULES: raise ValueError(f'unknown schedule {schedule!r}; use one of {DAC_SCHEDULES}')
     if not 0 <= lower <= upper <= 1: raise ValueError(f'need 0 <= lower <= upper <= 1, got lower={lower}, upper={upper}')
     if not 0 <= epoch < n_epochs: raise ValueError(f'epoch must be in 0..{n_epochs - 1}, got {epoch}')
@@ -69,6 +69,18 @@ def dac_thresholds(epoch: int, n_epochs: int, lower: float = 0.9, upper: float =
         return 0.95 - lam, 0.455 + 0.1 * lam
     lam = frac * (upper - lower) / 2
     return upper - lam, lower + lam
+
+# %% ../nbs/10_st_dac.ipynb #611da51d
+def balanced_upper(ref: torch.Tensor, n_clusters: int, lower: float = 0.0) -> float:
+    "The 'balanced' schedule's u: the (1 - s) quantile of the off-diagonal similarities of label features `ref`, s = (N/k - 1)/(N - 1), at least `lower`."
+    if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
+    if ref.ndim != 2 or len(ref) < 2: raise ValueError(f'expected N x k label features with N >= 2, got shape {tuple(ref.shape)}')
+    n = len(ref)
+    share = (n / n_clusters - 1) / (n - 1)
+    if share <= 0: return 1.0                                       # fewer images than clusters: no pair is expected to match
+    sim = (ref @ ref.T).detach()
+    off = sim[~torch.eye(n, dtype=torch.bool, device=sim.device)].float()
+    return max(torch.quantile(off, 1 - share).item(), lower)
 
 # %% ../nbs/10_st_dac.ipynb #3fb2526e
 class LocalisationNet(nn.Module):
@@ -201,7 +213,7 @@ class DeepAdaptiveClustering(NeuralClusterer):
 
     def _epoch(self, X, opt, epoch: int, on_epoch) -> dict:
         u, l = dac_thresholds(epoch, self.epochs, self.lower, self.upper, self.schedule)
-        logs, n_batches, t0 = {'loss': 0.0, 'selected': 0.0, 'positive': 0.0}, 0, time.perf_counter()
+        logs, n_batches, t0 = {'loss': 0.0, 'selected': 0.0, 'positive': 0.0, 'upper': 0.0}, 0, time.perf_counter()
         for idx in minibatches(len(X), self.batch_size, drop_last=len(X) > self.batch_size):
             xb, ref = X[idx].to(self.device_), None
             self.net_.train()
@@ -209,16 +221,17 @@ class DeepAdaptiveClustering(NeuralClusterer):
 
             p = self.net_(self.tau_(xb))
             f = label_features(p)
+            if self.schedule == 'balanced': u = balanced_upper(f if ref is None else ref, self.n_clusters, l)
             loss, info = dac_pair_loss(f, u, l, reference=ref)
             if self.self_label_weight:
                 loss = loss + self.self_label_weight * F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), f.detach())
             opt.zero_grad(); loss.backward(); opt.step()
-            logs['loss'] += loss.item(); logs['selected'] += info['selected']; logs['positive'] += info['positive']
+            logs['loss'] += loss.item(); logs['selected'] += info['selected']; logs['positive'] += info['positive']; logs['upper'] += u
             n_batches += 1
         secs = time.perf_counter() - t0
         logs = {k: v / n_batches for k, v in logs.items()}
         pred = self.epoch_pred_ = self.predict(X)        # label-free diagnostics; `on_epoch` may reuse it
-        logs.update(upper=u, lower=l, seconds=secs, images_per_s=n_batches * self.batch_size / secs,
+        logs.update(lower=l, seconds=secs, images_per_s=n_batches * self.batch_size / secs,
                     largest_cluster=float(np.bincount(pred, minlength=self.n_clusters).max() / len(X)),
                     n_clusters_used=int(len(np.unique(pred))))
         if self.snapshot_images is not None and getattr(self.net_, 'n_st', 0) and (epoch + 1) in self.snapshot_epochs:

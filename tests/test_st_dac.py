@@ -9,7 +9,7 @@ from deepclust_nb.data import load_dataset
 from deepclust_nb.experiment import build_config, get_experiment
 from deepclust_nb.metrics import evaluate
 from deepclust_nb.st_dac import (ST_DAC_DIGITS, ST_DAC_VARIANTS, DeepAdaptiveClustering, SpatialTransformer,
-                                 build_st_dac_net, dac_pair_loss, dac_pair_targets, dac_thresholds, label_features,
+                                 balanced_upper, build_st_dac_net, dac_pair_loss, dac_pair_targets, dac_thresholds, label_features,
                                  st_dac_augmentation, st_dac_config)
 from deepclust_nb.train import kmeans
 
@@ -63,6 +63,27 @@ def test_threshold_schedules():
     assert dac_thresholds(3, 10, 0.9, 0.99, 'code') == pytest.approx((0.963, 0.963))
     with pytest.raises(ValueError, match='unknown schedule'): dac_thresholds(0, 10, schedule='cosine')
     with pytest.raises(ValueError, match='epoch'): dac_thresholds(10, 10)
+
+
+def test_balanced_upper_threshold():
+    ref = label_features(torch.eye(4)[[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]] * 0.97 + 0.01)
+    u = balanced_upper(ref, 4, lower=0.9)                       # s = (12/4 - 1)/11: exactly the same-cluster pairs
+    r, _ = dac_pair_targets(ref @ ref.T, u, 0.9)
+    assert torch.equal(r, torch.block_diag(*[torch.ones(3, 3)] * 4))
+    torch.manual_seed(1)
+    soft = label_features((3 * torch.randn(64, 10)).softmax(1))
+    u = balanced_upper(soft, 10)
+    off = ~torch.eye(64, dtype=torch.bool)
+    share = ((soft @ soft.T)[off] >= u).float().mean().item()
+    assert share == pytest.approx((64 / 10 - 1) / 63, abs=2 / (64 * 63) + 1e-6)
+    assert balanced_upper(soft, 10, lower=0.99) >= 0.99          # never below the epoch's lower threshold
+    assert balanced_upper(soft[:5], 10) == 1.0                     # fewer images than clusters
+    with pytest.raises(ValueError, match='n_clusters'): balanced_upper(soft, 1)
+    with pytest.raises(ValueError, match='N x k'): balanced_upper(soft[0], 10)
+    est = DeepAdaptiveClustering(10, 'st0', epochs=1, widths=(8, 8, 8), hidden=16, schedule='balanced').fit(
+        load_dataset('digits', 'all')[0][:200])
+    h = est.history_[0]
+    assert h['lower'] <= h['upper'] <= 1 and 0 < h['positive'] < 1
 
 
 def test_identity_st_layer_returns_input_and_default_zooms():
