@@ -11,7 +11,6 @@ from deepclust_nb.metrics import evaluate
 from deepclust_nb.st_dac import (ST_DAC_DIGITS, ST_DAC_VARIANTS, DeepAdaptiveClustering, SpatialTransformer,
                                  balanced_upper, build_st_dac_net, dac_pair_loss, dac_pair_targets, dac_thresholds, label_features,
                                  st_dac_augmentation, st_dac_config)
-from deepclust_nb.train import kmeans
 
 
 def test_pair_selection_on_hand_made_similarities():
