@@ -71,8 +71,8 @@ def dac_thresholds(epoch: int, n_epochs: int, lower: float = 0.9, upper: float =
     return upper - lam, lower + lam
 
 # %% ../nbs/10_st_dac.ipynb #611da51d
-def balanced_upper(ref: torch.Tensor, n_clusters: int, lower: float = 0.0) -> float:
-    "The 'balanced' schedule's u: the (1 - s) quantile of the off-diagonal similarities of label features `ref`, s = (N/k - 1)/(N - 1), at least `lower`."
+def balanced_upper(ref: torch.Tensor, n_clusters: int, floor: float = 0.5) -> float:
+    "The 'balanced' schedule's u: the (1 - s) quantile of the off-diagonal similarities of label features `ref`, s = (N/k - 1)/(N - 1), at least `floor`."
     if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
     if ref.ndim != 2 or len(ref) < 2: raise ValueError(f'expected N x k label features with N >= 2, got shape {tuple(ref.shape)}')
     n = len(ref)
@@ -80,7 +80,7 @@ def balanced_upper(ref: torch.Tensor, n_clusters: int, lower: float = 0.0) -> fl
     if share <= 0: return 1.0                                       # fewer images than clusters: no pair is expected to match
     sim = (ref @ ref.T).detach()
     off = sim[~torch.eye(n, dtype=torch.bool, device=sim.device)].float()
-    return max(torch.quantile(off, 1 - share).item(), lower)
+    return max(torch.quantile(off, 1 - share).item(), floor)
 
 # %% ../nbs/10_st_dac.ipynb #3fb2526e
 class LocalisationNet(nn.Module):
@@ -221,7 +221,7 @@ class DeepAdaptiveClustering(NeuralClusterer):
 
             p = self.net_(self.tau_(xb))
             f = label_features(p)
-            if self.schedule == 'balanced': u = balanced_upper(f if ref is None else ref, self.n_clusters, l)
+            if self.schedule == 'balanced': u = balanced_upper(f if ref is None else ref, self.n_clusters)
             loss, info = dac_pair_loss(f, u, l, reference=ref)
             if self.self_label_weight:
                 loss = loss + self.self_label_weight * F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), f.detach())

@@ -66,16 +66,18 @@ def test_threshold_schedules():
 
 def test_balanced_upper_threshold():
     ref = label_features(torch.eye(4)[[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]] * 0.97 + 0.01)
-    u = balanced_upper(ref, 4, lower=0.9)                       # s = (12/4 - 1)/11: exactly the same-cluster pairs
+    u = balanced_upper(ref, 4)                                  # s = (12/4 - 1)/11: exactly the same-cluster pairs
     r, _ = dac_pair_targets(ref @ ref.T, u, 0.9)
     assert torch.equal(r, torch.block_diag(*[torch.ones(3, 3)] * 4))
     torch.manual_seed(1)
     soft = label_features((3 * torch.randn(64, 10)).softmax(1))
-    u = balanced_upper(soft, 10)
+    u = balanced_upper(soft, 10, floor=0.0)
     off = ~torch.eye(64, dtype=torch.bool)
     share = ((soft @ soft.T)[off] >= u).float().mean().item()
     assert share == pytest.approx((64 / 10 - 1) / 63, abs=2 / (64 * 63) + 1e-6)
-    assert balanced_upper(soft, 10, lower=0.99) >= 0.99          # never below the epoch's lower threshold
+    assert balanced_upper(soft, 10, floor=0.99) >= 0.99          # never below the floor
+    sparse = label_features(torch.eye(10)[torch.arange(20) % 10] * 0.97 + 0.003)   # fewer same-cluster pairs than s
+    assert balanced_upper(sparse, 4) == 0.5                      # the quantile falls among the ~0 similarities
     assert balanced_upper(soft[:5], 10) == 1.0                     # fewer images than clusters
     with pytest.raises(ValueError, match='n_clusters'): balanced_upper(soft, 1)
     with pytest.raises(ValueError, match='N x k'): balanced_upper(soft[0], 10)
