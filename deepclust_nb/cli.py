@@ -15,9 +15,10 @@ import pandas as pd
 from .data import CorruptDatasetError, DatasetNotFoundError, data_root, dataset_status
 from .experiment import EXPERIMENTS, get_experiment, paper_table, run_experiment
 from .records import PROTOCOLS
+from .train import TimeBudgetExhausted, time_budget
 
 # %% auto #0
-__all__ = ['PAPER_MODULES', 'load_papers', 'parse_overrides', 'main']
+__all__ = ['PAPER_MODULES', 'EXIT_PAUSED', 'load_papers', 'parse_overrides', 'main']
 
 # %% ../nbs/90_cli.ipynb #2a1a69fa
 PAPER_MODULES = ('baselines', 'st_dac', 'gatcluster', 'embedding_space', 'adc', 'variational_clustering')
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--device', help='cuda, cuda:1, cpu (default: cuda when available)')
     r.add_argument('--results', help='results folder (default: <project>/results or $DEEPCLUST_RESULTS)')
     r.add_argument('--skip-existing', action='store_true', help='do not redo runs whose record exists')
+    r.add_argument('--time-budget', type=float, metavar='MINUTES',
+                   help='stop before an epoch that would end later, checkpoint, exit 75; the same command resumes')
     t = sub.add_parser('table', help="the paper's numbers beside ours, from the records")
     t.add_argument('paper'); t.add_argument('--protocol', choices=PROTOCOLS); t.add_argument('--results')
     return p
@@ -69,12 +72,17 @@ def _cmd_run(a) -> None:
     if variant is None: raise ValueError(f"{a.paper} has several variants; choose one with --variant: {', '.join(exp.variants)}")
     overrides = parse_overrides(a.set)
     if a.epochs is not None: overrides['epochs'] = a.epochs
-    for seed in a.seed:
-        rec = run_experiment(a.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
-                             tag=a.tag, skip_existing=a.skip_existing, **overrides)
-        m = rec['metrics']
-        print(f"{a.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
-              f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")
+    with time_budget(None if a.time_budget is None else 60 * a.time_budget):
+        for seed in a.seed: _run_one(a, variant, seed, overrides)
+
+def _run_one(a, variant: str, seed: int, overrides: dict) -> None:
+    rec = run_experiment(a.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
+                         tag=a.tag, skip_existing=a.skip_existing, **overrides)
+    m = rec['metrics']
+    print(f"{a.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
+          f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")
+
+EXIT_PAUSED = 75      # sysexits' EX_TEMPFAIL: the run stopped at its time budget; run the same command again
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `deepclust` console script; returns the exit code."
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             t = paper_table(a.paper, a.results, protocol=a.protocol)
             print(t.to_string(index=False) if len(t) else f'no records for {a.paper} yet')
         return 0
+    except TimeBudgetExhausted as e:
+        print(f'deepclust: paused: {e}', file=sys.stderr)
+        return EXIT_PAUSED
     except (ValueError, KeyError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f'deepclust: error: {e}', file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ import platform
 import random
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,8 +24,8 @@ from .augment import check_image_input
 
 # %% auto #0
 __all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'predict_batched', 'KMeansResult', 'kmeans',
-           'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'run_epochs',
-           'minutes_per_epoch', 'NeuralClusterer']
+           'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'TimeBudgetExhausted',
+           'time_budget', 'run_epochs', 'minutes_per_epoch', 'NeuralClusterer']
 
 # %% ../nbs/03_train.ipynb #d54a7096
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -145,17 +147,47 @@ class Checkpoint:
         if self.path.exists(): self.path.unlink()
 
 # %% ../nbs/03_train.ipynb #1893dfb4
+class TimeBudgetExhausted(RuntimeError):
+    "`run_epochs` stopped before an epoch that would overrun the time budget; the checkpoint holds every finished epoch."
+    def __init__(self, msg: str, checkpoint: Path | None = None, epoch: int = 0, n_epochs: int = 0):
+        super().__init__(msg)
+        self.checkpoint, self.epoch, self.n_epochs = checkpoint, epoch, n_epochs
+
+_DEADLINES: list[float] = []      # `time.monotonic()` deadlines of the open `time_budget` blocks, innermost last
+
+@contextmanager
+def time_budget(seconds: float | None):
+    "Inside this block `run_epochs` checkpoints and raises `TimeBudgetExhausted` rather than start an epoch that would end more than `seconds` from now (None: no limit)."
+    if seconds is None: yield; return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f'a time budget must be a positive number of seconds, got {seconds!r}')
+    deadline = time.monotonic() + seconds
+    _DEADLINES.append(min([deadline, *_DEADLINES]))     # an inner block never extends an outer one
+    try: yield
+    finally: _DEADLINES.pop()
+
+def _deadline() -> float | None:
+    return _DEADLINES[-1] if _DEADLINES else None
+
+# %% ../nbs/03_train.ipynb #bc8d37cf
 def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Checkpoint | None = None,
                objects: dict | None = None, desc: str = 'epochs') -> list[dict]:
     "Call `epoch_fn(epoch)` for each epoch not done yet, checkpointing `objects`; returns the per-epoch history."
-    objects, history, start = objects or {}, [], 0
+    objects, history, start, took = objects or {}, [], 0, []     # took: this call's epoch times
     if checkpoint is not None:
         saved = checkpoint.restore(**objects)
         if saved is not None: start, history = saved['epoch'], saved['history']
+    elif _deadline() is not None and start < n_epochs:
+        warnings.warn('time budget ignored: without a checkpoint, stopping would lose the finished epochs', stacklevel=2)
     for epoch in progress(range(start, n_epochs), desc=desc, total=n_epochs - start):
+        if checkpoint is not None and took and _deadline() is not None and time.monotonic() + max(took) > _deadline():
+            if epoch % checkpoint.every: checkpoint.save({'epoch': epoch, 'history': history}, **objects)
+            raise TimeBudgetExhausted(f'time budget used up after epoch {epoch} of {n_epochs}; the checkpoint '
+                                      f'{checkpoint.path} holds it: run the same again to resume', checkpoint.path, epoch, n_epochs)
         t0 = time.perf_counter()
         logs = epoch_fn(epoch) or {}
-        history.append({'epoch': epoch + 1, **logs, 'epoch_seconds': time.perf_counter() - t0})
+        took.append(time.perf_counter() - t0)
+        history.append({'epoch': epoch + 1, **logs, 'epoch_seconds': took[-1]})
         if checkpoint is not None and ((epoch + 1) % checkpoint.every == 0 or epoch + 1 == n_epochs):
             checkpoint.save({'epoch': epoch + 1, 'history': history}, **objects)
     return history

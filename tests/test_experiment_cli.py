@@ -116,3 +116,28 @@ def test_console_script(tmp_path):
     assert out.returncode == 0 and 'digits' in out.stdout and str(tmp_path) in out.stdout
     bad = subprocess.run(['deepclust', 'run', 'kmeans', '--dataset', 'mnist', '--protocol', 'gpu'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and 'invalid choice' in bad.stderr
+
+
+def test_cli_time_budget_pauses_with_exit_75_and_resumes(tmp_path, capsys):
+    "Three epochs of 0.2 s under a 0.25 s budget: two paused calls (checkpoint kept), then the record; no epoch twice."
+    import time
+    from deepclust_nb.cli import EXIT_PAUSED
+    from deepclust_nb.train import run_epochs
+    calls = []
+    def fp(cfg, variant, dataset, seed, device, checkpoint):
+        def epoch(e):
+            calls.append(e); time.sleep(0.2); return {'loss': 1.0 / (e + 1)}
+        hist = run_epochs(cfg['epochs'], epoch, checkpoint)
+        return Prediction(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]), 'all', history=hist)
+    register(Experiment('slices', 'slow epochs', ('one',), ('digits',), lambda v, d, p: {'epochs': 3}, fp))
+    args = ['run', 'slices', '--dataset', 'digits', '--results', str(tmp_path / 'results'), '--time-budget', str(0.25 / 60)]
+    try:
+        assert main(args) == EXIT_PAUSED and 'paused' in capsys.readouterr().err
+        assert (tmp_path / 'checkpoints' / 'slices' / 'one__digits__cpu__seed0.pt').exists()
+        assert not (tmp_path / 'results' / 'slices').exists()
+        assert [main(args), main(args)] == [EXIT_PAUSED, 0] and calls == [0, 1, 2]
+        rec = read_record(tmp_path / 'results' / 'slices' / 'one__digits__cpu__seed0.json')
+        assert rec['resumed'] and [h['epoch'] for h in rec['history']] == [1, 2, 3]
+        assert not (tmp_path / 'checkpoints' / 'slices' / 'one__digits__cpu__seed0.pt').exists()
+        assert main(args[:-1] + ['0']) == 2 and 'positive number' in capsys.readouterr().err
+    finally: del EXPERIMENTS['slices']

@@ -8,7 +8,8 @@ import torch
 from deepclust_nb.data import load_dataset
 from deepclust_nb.metrics import evaluate
 from deepclust_nb.train import (Checkpoint, ResumableState, atomic_save, device_name, get_device, kmeans, minibatches,
-                                minutes_per_epoch, predict_batched, progress, run_epochs, seed_everything)
+                                minutes_per_epoch, predict_batched, progress, run_epochs, seed_everything,
+                                TimeBudgetExhausted, time_budget)
 
 
 def test_device_choice(monkeypatch):
@@ -65,7 +66,7 @@ def test_kmeans_on_digits_and_errors():
     with pytest.raises(ValueError, match='NaN or infinite'): kmeans(bad, 10)
 
 
-def _train(path, crash_at=None, epochs=5):
+def _train(path, crash_at=None, epochs=5, every=1):
     "A denoising autoencoder on the digits with shuffling, noise and dropout: every generator matters."
     seed_everything(0)
     x = load_dataset('digits', 'train')[0].flatten(1)
@@ -82,7 +83,7 @@ def _train(path, crash_at=None, epochs=5):
             opt.zero_grad(); loss.backward(); opt.step(); total += loss.item()
         sched.step(); state['threshold'] -= 0.01
         return {'loss': total, 'threshold': state['threshold']}
-    hist = run_epochs(epochs, epoch_fn, Checkpoint(path), {'model': model, 'opt': opt, 'sched': sched, 'state': state})
+    hist = run_epochs(epochs, epoch_fn, Checkpoint(path, every=every), {'model': model, 'opt': opt, 'sched': sched, 'state': state})
     return model, hist
 
 
@@ -95,6 +96,39 @@ def test_resume_gives_identical_result(tmp_path, crash_at):
     untimed = lambda hist: [{k: v for k, v in e.items() if k != 'epoch_seconds'} for e in hist]
     assert untimed(h) == untimed(h_ref) and len(h) == 5
     assert all(e['epoch_seconds'] > 0 for e in h)       # the epochs before the crash keep theirs from the checkpoint
+
+
+def test_time_budget_runs_in_slices_that_resume_exactly(tmp_path):
+    "A budget shorter than an epoch: each call runs one epoch, saves (also between `every`) and stops; the end is bit for bit."
+    ref, h_ref = _train(tmp_path/'ref.pt')
+    stops = []
+    while True:
+        try:
+            with time_budget(1e-6): model, h = _train(tmp_path/'run.pt', every=3)
+            break
+        except TimeBudgetExhausted as e:
+            stops.append((e.epoch, e.n_epochs))
+            assert e.checkpoint == tmp_path/'run.pt' and torch.load(e.checkpoint, weights_only=False)['progress']['epoch'] == e.epoch
+    assert stops == [(1, 5), (2, 5), (3, 5), (4, 5)]
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))
+    untimed = lambda hist: [{k: v for k, v in e.items() if k != 'epoch_seconds'} for e in hist]
+    assert untimed(h) == untimed(h_ref)
+
+
+def test_time_budget_limits_and_errors(tmp_path):
+    calls = []
+    with time_budget(60):                      # ample: nothing stops
+        run_epochs(3, lambda e: calls.append(e) or {}, Checkpoint(tmp_path/'a.pt'))
+    assert calls == [0, 1, 2]
+    with time_budget(1e-6), pytest.warns(UserWarning, match='without a checkpoint'):
+        assert len(run_epochs(3, lambda e: {})) == 3           # no checkpoint: ignoring the budget loses nothing
+    with time_budget(1e-6), time_budget(3600):                 # an inner budget cannot extend an outer one
+        with pytest.raises(TimeBudgetExhausted, match='after epoch 1 of 3'):
+            run_epochs(3, lambda e: {}, Checkpoint(tmp_path/'b.pt'))
+    for bad in (0, -1, float('nan'), float('inf'), '5', True):
+        with pytest.raises(ValueError, match='positive number of seconds'):
+            with time_budget(bad): pass
+    with time_budget(None): assert len(run_epochs(2, lambda e: {}, Checkpoint(tmp_path/'c.pt'))) == 2
 
 
 def test_epoch_seconds_time_each_epoch():
