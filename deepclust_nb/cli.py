@@ -73,14 +73,12 @@ def _cmd_run(a) -> None:
     overrides = parse_overrides(a.set)
     if a.epochs is not None: overrides['epochs'] = a.epochs
     with time_budget(None if a.time_budget is None else 60 * a.time_budget):
-        for seed in a.seed: _run_one(a, variant, seed, overrides)
-
-def _run_one(a, variant: str, seed: int, overrides: dict) -> None:
-    rec = run_experiment(a.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
-                         tag=a.tag, skip_existing=a.skip_existing, **overrides)
-    m = rec['metrics']
-    print(f"{a.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
-          f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")
+        for seed in a.seed:
+            rec = run_experiment(a.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
+                                 tag=a.tag, skip_existing=a.skip_existing, **overrides)
+            m = rec['metrics']
+            print(f"{a.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
+                  f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")
 
 EXIT_PAUSED = 75      # sysexits' EX_TEMPFAIL: the run stopped at its time budget; run the same command again
 

@@ -177,7 +177,7 @@ def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Check
     if checkpoint is not None:
         saved = checkpoint.restore(**objects)
         if saved is not None: start, history = saved['epoch'], saved['history']
-    elif _deadline() is not None and start < n_epochs:
+    elif _deadline() is not None and n_epochs > 0:
         warnings.warn('time budget ignored: without a checkpoint, stopping would lose the finished epochs', stacklevel=2)
     for epoch in progress(range(start, n_epochs), desc=desc, total=n_epochs - start):
         if checkpoint is not None and took and _deadline() is not None and time.monotonic() + max(took) > _deadline():
