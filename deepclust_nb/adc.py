@@ -193,11 +193,13 @@ class AssociativeDeepClustering(NeuralClusterer):
                  batch_size: int = 100, n_aug: int = 4, augment=None, lr: float = 8e-4, lr_warmup: int = 2000,
                  lr_decay_every: int = 10000, betas=(0.8, 0.9), visit_weight: float = 0.3, alpha: float = 1.0,
                  beta: float = 0.9, gamma: float = 1e-5, delta: float = 2e-5, cls_weight: float = 1.0,
-                 logit_l2: float = 1e-4, kmeans_samples: int | None = None, chunk: int = 100, device=None, random_state: int = 0):
+                 logit_l2: float = 1e-4, kmeans_samples: int | None = None, reset_adam_at_init: bool = False,
+                 aug_weight_after_init: float = 1.0, chunk: int = 100, device=None, random_state: int = 0):
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
         if arch not in ('vcnn', 'resnet'): raise ValueError(f"arch must be 'vcnn' or 'resnet', got {arch!r}")
         if not 0 <= loss_warmup < steps: raise ValueError(f'need 0 <= loss_warmup < steps, got {loss_warmup} and {steps}')
         if n_aug < 1: raise ValueError(f'n_aug must be >= 1, got {n_aug}')
+        if not aug_weight_after_init >= 0: raise ValueError(f'aug_weight_after_init must be >= 0, got {aug_weight_after_init}')
         self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
 
     def _build(self, X: torch.Tensor):
@@ -222,15 +224,18 @@ class AssociativeDeepClustering(NeuralClusterer):
         logs, t0 = {}, time.perf_counter()
         first, last = chunk_idx * self.chunk, min((chunk_idx + 1) * self.chunk, self.steps)
         w = {k: getattr(self, k) for k in ADC_WEIGHTS}
+        w_after = {**w, 'beta': w['beta'] * self.aug_weight_after_init}   # the authors' code: 0.2 after the k-means init
         for step in range(first, last):
             if step == self.loss_warmup:
                 self._init_centroids(X, torch.Generator().manual_seed(self.random_state + step))
+                if self.reset_adam_at_init: opt.state.clear()             # the authors' code: Adam starts afresh
             self.net_.train()
             for g in opt.param_groups: g['lr'] = adc_lr(step, self.lr, self.lr_warmup, self.lr_decay_every)
             idx = torch.randint(len(X), (self.batch_size,))
             xb = X[idx].to(self.device_)
             xa = self.tau_(xb.repeat(self.n_aug, 1, 1, 1))
-            out = adc_losses(self.net_, xb, xa, self.visit_weight, warmup=step < self.loss_warmup, **w)
+            warm = step < self.loss_warmup
+            out = adc_losses(self.net_, xb, xa, self.visit_weight, warmup=warm, **(w if warm else w_after))
             opt.zero_grad(); out['total'].backward(); opt.step()
             for k, v in out.items(): logs[k] = logs.get(k, 0.0) + v.item() / (last - first)
         secs = time.perf_counter() - t0
@@ -284,7 +289,7 @@ def adc_config(variant: str, dataset: str, protocol: str) -> dict:
                dropout=0.0, centroids_per_cluster=1, steps=200_000, loss_warmup=1000 if mnist else 5000,
                batch_size=100 if variant == 'vcnn' else 128, n_aug=4, lr=8e-4, lr_warmup=2000, lr_decay_every=10_000,
                betas=(0.8, 0.9), visit_weight=0.8 if mnist else 0.3, **ADC_WEIGHTS, kmeans_samples=None,
-               subset=None, chunk=100, save_artifacts=True)
+               reset_adam_at_init=False, aug_weight_after_init=1.0, subset=None, chunk=100, save_artifacts=True)
     if dataset == 'digits':   # 8x8 images, 1,437 of them: a small net and a short run in any protocol
         cfg.update(ADC_DIGITS)
     elif protocol == 'cpu':
@@ -295,7 +300,8 @@ def adc_config(variant: str, dataset: str, protocol: str) -> dict:
 # %% ../nbs/40_adc.ipynb #494b9a38
 ADC_ESTIMATOR_KEYS = ('arch', 'widths', 'emb_dim', 'resnet_blocks', 'dropout', 'centroids_per_cluster', 'steps',
                       'loss_warmup', 'batch_size', 'n_aug', 'lr', 'lr_warmup', 'lr_decay_every', 'betas', 'visit_weight',
-                      'alpha', 'beta', 'gamma', 'delta', 'cls_weight', 'logit_l2', 'kmeans_samples', 'chunk')
+                      'alpha', 'beta', 'gamma', 'delta', 'cls_weight', 'logit_l2', 'kmeans_samples', 'reset_adam_at_init',
+                      'aug_weight_after_init', 'chunk')
 
 def adc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Fit on the training split (or a stratified subset of it), predict the test split."

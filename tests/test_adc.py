@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepclust_nb.adc import (ADC_DIGITS, ADCNet, AssociativeDeepClustering, CifarResNet, VCNN, adc_augmentation,
+from deepclust_nb.adc import (ADC_DIGITS, ADC_WEIGHTS, ADCNet, AssociativeDeepClustering, CifarResNet, VCNN, adc_augmentation,
                               adc_config, adc_losses, adc_lr, association_loss, association_probs, norm_loss,
                               pairwise_logit_crossentropy, trafo_loss, visit_loss, walker_loss, walker_target)
 from deepclust_nb.data import load_dataset
 from deepclust_nb.metrics import evaluate
-from deepclust_nb.train import kmeans
+from deepclust_nb.train import Checkpoint, kmeans
 
 
 def test_transition_rows_sum_to_one():
@@ -127,3 +127,25 @@ def test_short_run_on_digits_beats_kmeans():
     assert h['agreement'] > 0.8 and h['largest_cluster'] < 0.3      # label-free health of the final model
     p = adc.predict_proba(x_te)
     assert np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_authors_kmeans_init_options(tmp_path):
+    "reset_adam_at_init restarts Adam at the k-means init; aug_weight_after_init scales beta from then on."
+    x, _ = load_dataset('digits', 'train')
+    def fit(name, **kw):
+        ck = Checkpoint(tmp_path / f'{name}.pt')
+        est = AssociativeDeepClustering(3, steps=6, loss_warmup=3, batch_size=8, n_aug=1, widths=(4, 4), emb_dim=8,
+                                        chunk=2, **kw).fit(x[:40], checkpoint=ck)
+        state = torch.load(ck.path, weights_only=False)['objects']['opt']['state']
+        return max(v['step'].item() for v in state.values()), est.history_[-1]   # the backbone's count
+    assert fit('plain')[0] == 6
+    assert fit('reset', reset_adam_at_init=True)[0] == 3
+    h = fit('aug', aug_weight_after_init=0.2)[1]
+    w = ADC_WEIGHTS
+    parts = (w['alpha'] * h['c'] + 0.2 * w['beta'] * h['aug'] + w['gamma'] * h['norm'] + w['delta'] * h['trafo'] +
+             w['cls_weight'] * h['cls'] + w['logit_l2'] * h['l2'])
+    assert h['total'] == pytest.approx(parts, rel=1e-5)
+    assert h['total'] != pytest.approx(parts + 0.8 * w['beta'] * h['aug'], rel=1e-5)
+    with pytest.raises(ValueError, match='aug_weight_after_init'): AssociativeDeepClustering(3, aug_weight_after_init=-1)
+    cfg = adc_config('vcnn', 'mnist', 'paper')
+    assert cfg['reset_adam_at_init'] is False and cfg['aug_weight_after_init'] == 1.0
