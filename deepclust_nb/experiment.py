@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .data import get_spec
 from .metrics import as_labels, evaluate, mapped_confusion
-from .records import (PROTOCOLS, _jsonable, git_commit, load_records, make_record, paper_vs_ours, read_record, record_path,
-                                  results_dir, run_name, write_record)
+from .records import (PROTOCOLS, _jsonable, fmt_mean_std, git_commit, load_records, make_record, paper_vs_ours,
+                                  read_record, record_path, results_dir, run_name, write_record)
 from .train import Checkpoint, atomic_save, device_name, get_device, seed_everything
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'Prediction', 'Experiment', 'register', 'get_experiment', 'build_config', 'StaleRecordWarning',
-           'config_drift', 'run_experiment', 'load_artifacts', 'run_grid', 'paper_table']
+           'config_drift', 'run_experiment', 'load_artifacts', 'run_grid', 'paper_table', 'target_table']
 
 # %% ../nbs/03c_experiment.ipynb #d93a7eff
 @dataclass
@@ -133,3 +134,21 @@ def paper_table(paper: str, results: str | Path | None = None, protocol: str | N
     df = load_records(paper, results)
     if protocol: df = df[df.protocol == protocol]
     return paper_vs_ours(df, get_experiment(paper).quoted, **kwargs)
+
+def target_table(targets: list[dict], results: str | Path | None = None) -> pd.DataFrame:
+    "Per target (`paper`, `variant`, `dataset`, `acc` in %; optional `tag`, `seeds` needed): the paper's quoted ACC, ours on `cpu` and `paper` (mean ± std, n), and whether the `cpu` target is met."
+    rows = []
+    for t in targets:
+        missing = {'paper', 'variant', 'dataset', 'acc'} - set(t)
+        if missing: raise KeyError(f'target {t} lacks {sorted(missing)}')
+        tag, n_min, exp = t.get('tag', ''), t.get('seeds', 3), get_experiment(t['paper'])
+        quoted = [q for q in exp.quoted if (q['dataset'], q['variant']) == (t['dataset'], t['variant']) and 'acc' in q]
+        df = load_records(t['paper'], results)
+        if len(df): df = df[(df.variant == t['variant']) & (df.dataset == t['dataset']) & (df.tag == tag)]
+        cpu, gpu = [df[df.protocol == p].acc if len(df) else pd.Series(dtype=float) for p in ('cpu', 'paper')]
+        rows.append({'notebook': t['paper'], 'run': f"{t['variant']} on {t['dataset']}" + (f' ({tag})' if tag else ''),
+                     'paper (quoted)': f"{quoted[0]['acc']} ({quoted[0]['source']})" if quoted else '–',
+                     'ours, cpu': fmt_mean_std(cpu.mean(), cpu.std(), len(cpu)), 'cpu target': f">= {t['acc']} ({n_min}+ runs)",
+                     'met': 'yes' if len(cpu) >= n_min and 100 * cpu.mean() >= t['acc'] else 'no',
+                     'ours, paper': fmt_mean_std(gpu.mean(), gpu.std(), len(gpu))})
+    return pd.DataFrame(rows)

@@ -7,7 +7,7 @@ import pytest
 
 from deepclust_nb.cli import load_papers, main, parse_overrides
 from deepclust_nb.experiment import (EXPERIMENTS, Experiment, Prediction, StaleRecordWarning, build_config,
-                                     get_experiment, register, run_experiment, run_grid)
+                                     get_experiment, register, run_experiment, run_grid, target_table)
 from deepclust_nb.records import RECORD_FIELDS, read_record
 
 
@@ -141,3 +141,26 @@ def test_cli_time_budget_pauses_with_exit_75_and_resumes(tmp_path, capsys):
         assert not (tmp_path / 'checkpoints' / 'slices' / 'one__digits__cpu__seed0.pt').exists()
         assert main(args[:-1] + ['0']) == 2 and 'positive number' in capsys.readouterr().err
     finally: del EXPERIMENTS['slices']
+
+
+def test_target_table_reads_records_and_judges_targets(tmp_path):
+    "ACC 0.6 per run: a 55 % target is met with enough runs, a 65 % one is not; tags and protocols are kept apart."
+    def fp(cfg, variant, dataset, seed, device, checkpoint):
+        return Prediction(np.zeros(10, dtype=int), np.array([0] * 6 + [1] * 4), 'test')
+    register(Experiment('const4', 'constant', ('one',), ('digits',), lambda v, d, p: {}, fp,
+                        quoted=[{'dataset': 'digits', 'variant': 'one', 'acc': 99.0, 'source': 'Table 9', 'split': 'test'}]))
+    try:
+        res = tmp_path / 'results'
+        run_grid('const4', ['one'], ['digits'], [0, 1], results=res)
+        run_experiment('const4', 'one', 'digits', 'paper', 0, results=res)
+        tt = target_table([dict(paper='const4', variant='one', dataset='digits', acc=55, seeds=2),
+                           dict(paper='const4', variant='one', dataset='digits', acc=65, seeds=2),
+                           dict(paper='const4', variant='one', dataset='digits', acc=55),            # 3 runs needed
+                           dict(paper='const4', variant='one', dataset='digits', acc=55, tag='x')], res)
+        assert list(tt.met) == ['yes', 'no', 'no', 'no']
+        assert tt['ours, cpu'][0] == '60.0 ± 0.0 (n=2)' and tt['ours, paper'][0] == '60.0 (n=1)'
+        assert tt['ours, cpu'][3] == '–' and tt['paper (quoted)'][0] == '99.0 (Table 9)'
+        with pytest.raises(KeyError, match='lacks'): target_table([dict(paper='const4')], res)
+        with pytest.raises(ValueError, match='unknown paper'): target_table([dict(paper='no', variant='a', dataset='b', acc=1)], res)
+    finally:
+        del EXPERIMENTS['const4']
