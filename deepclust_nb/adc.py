@@ -163,7 +163,7 @@ def adc_losses(net: ADCNet, x: torch.Tensor, x_aug: torch.Tensor, visit_weight: 
                     cls_weight * out['cls'] + logit_l2 * out['l2'])
     with torch.no_grad():   # label-free diagnostics: do W's clusters agree with the nearest centroid? is one cluster taking over?
         pred = o.argmax(1)
-        out['agreement'] = (pred == (z @ net.centroids.T).argmax(1)).float().mean()
+        out['agreement'] = (pred == net.centroid_labels[(z @ net.centroids.T).argmax(1)]).float().mean()
         out['largest_cluster'] = torch.bincount(pred, minlength=net.n_clusters).max() / n
     return out
 

@@ -149,3 +149,18 @@ def test_authors_kmeans_init_options(tmp_path):
     with pytest.raises(ValueError, match='aug_weight_after_init'): AssociativeDeepClustering(3, aug_weight_after_init=-1)
     cfg = adc_config('vcnn', 'mnist', 'paper')
     assert cfg['reset_adam_at_init'] is False and cfg['aug_weight_after_init'] == 1.0
+
+
+def test_agreement_counts_clusters_not_centroids():
+    "With 2 centroids per cluster, an image next to a centroid of the cluster its logits pick agrees."
+    class Identity2(torch.nn.Module):
+        emb_dim = 2
+        def forward(self, x): return x.flatten(1)
+    net = ADCNet(Identity2(), 2, centroids_per_cluster=2)
+    with torch.no_grad():
+        net.centroids.copy_(torch.tensor([[1., 0.], [0.9, 0.1], [0., 1.], [0.1, 0.9]]))
+        net.classifier.weight.copy_(torch.eye(2)); net.classifier.bias.zero_()
+    x = torch.tensor([[1., 0.05], [0.05, 1.], [0.95, 0.], [0.2, 0.9]])
+    assert adc_losses(net, x, x)['agreement'].item() == 1.0
+    with torch.no_grad(): net.classifier.weight.copy_(torch.tensor([[0., 1.], [1., 0.]]))   # logits swap the clusters
+    assert adc_losses(net, x, x)['agreement'].item() == 0.0
