@@ -161,6 +161,8 @@ def test_target_table_reads_records_and_judges_targets(tmp_path):
         assert tt['ours, cpu'][0] == '60.0 ± 0.0 (n=2)' and tt['ours, paper'][0] == '60.0 (n=1)'
         assert tt['ours, cpu'][3] == '–' and tt['paper (quoted)'][0] == '99.0 (Table 9)'
         with pytest.raises(KeyError, match='lacks'): target_table([dict(paper='const4')], res)
+        with pytest.raises(KeyError, match='unknown keys'):
+            target_table([dict(paper='const4', variant='one', dataset='digits', acc=55, seed=2)], res)
         with pytest.raises(ValueError, match='unknown paper'): target_table([dict(paper='no', variant='a', dataset='b', acc=1)], res)
     finally:
         del EXPERIMENTS['const4']
