@@ -143,9 +143,9 @@ def target_table(targets: list[dict], results: str | Path | None = None) -> pd.D
         if missing or unknown: raise KeyError(f'target {t}: ' + (f'lacks {sorted(missing)}' if missing else f'unknown keys {sorted(unknown)}'))
         tag, n_min, exp = t.get('tag', ''), t.get('seeds', 3), get_experiment(t['paper'])
         quoted = [q for q in exp.quoted if (q['dataset'], q['variant']) == (t['dataset'], t['variant']) and 'acc' in q]
-        df = load_records(t['paper'], results)
-        if len(df): df = df[(df.variant == t['variant']) & (df.dataset == t['dataset']) & (df.tag == tag)]
-        cpu, gpu = [df[df.protocol == p].acc if len(df) else pd.Series(dtype=float) for p in ('cpu', 'paper')]
+        df = load_records(t['paper'], results)        # an empty frame keeps its columns
+        df = df[(df.variant == t['variant']) & (df.dataset == t['dataset']) & (df.tag == tag)]
+        cpu, gpu = [df[df.protocol == p].acc for p in ('cpu', 'paper')]
         rows.append({'notebook': t['paper'], 'run': f"{t['variant']} on {t['dataset']}" + (f' ({tag})' if tag else ''),
                      'paper (quoted)': f"{quoted[0]['acc']} ({quoted[0]['source']})" if quoted else '–',
                      'ours, cpu': fmt_mean_std(cpu.mean(), cpu.std(), len(cpu)), 'cpu target': f">= {t['acc']} ({n_min}+ runs)",
