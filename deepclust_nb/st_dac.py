@@ -112,7 +112,8 @@ class SpatialTransformer(nn.Module):
 class STDACNet(nn.Module):
     "Table 1's VGG-style CNN with 0-3 spatial transformer layers (after the input, block 2 and block 3); outputs softmax."
     def __init__(self, in_channels: int = 1, image_size: int = 28, n_clusters: int = 10, n_st: int = 0,
-                 widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0):
+                 widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0,
+                 final_tanh: bool = True):
         super().__init__()
         if not 0 <= n_st <= 3: raise ValueError(f'n_st must be 0, 1, 2 or 3, got {n_st}')
         if n_clusters < 2: raise ValueError(f'n_clusters must be >= 2, got {n_clusters}')
@@ -121,12 +122,12 @@ class STDACNet(nn.Module):
         pool = lambda c: [nn.MaxPool2d(2), nn.BatchNorm2d(c)]
         s1, s2 = image_size, image_size // 2
         self.n_st = n_st
-        self.st1 = SpatialTransformer(in_channels, s1) if n_st >= 1 else nn.Identity()
+        self.st1 = SpatialTransformer(in_channels, s1, final_tanh) if n_st >= 1 else nn.Identity()
         self.block1 = nn.Sequential(*conv(in_channels, w1), *pool(w1))
         self.block2 = nn.Sequential(*conv(w1, w2))
-        self.st2 = SpatialTransformer(w2, s2) if n_st >= 2 else nn.Identity()
+        self.st2 = SpatialTransformer(w2, s2, final_tanh) if n_st >= 2 else nn.Identity()
         self.block3 = nn.Sequential(*pool(w2), *conv(w2, w3))
-        self.st3 = SpatialTransformer(w3, s2 // 2) if n_st >= 3 else nn.Identity()
+        self.st3 = SpatialTransformer(w3, s2 // 2, final_tanh) if n_st >= 3 else nn.Identity()
         self.pool3 = nn.Sequential(*pool(w3)) if third_pool else nn.Identity()
         n_flat = self._trunk(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
         self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
@@ -187,7 +188,7 @@ class DeepAdaptiveClustering(NeuralClusterer):
     def __init__(self, n_clusters: int = 10, variant: str = 'st2', epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-4, lower: float = 0.9, upper: float = 0.99, schedule: str = 'linear',
                  widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0,
-                 self_label_weight: float = 0.0, pair_labels: str = 'clean', augment=None, snapshot_images=None, snapshot_epochs=(1,),
+                 self_label_weight: float = 0.0, pair_labels: str = 'clean', final_tanh: bool = True, augment=None, snapshot_images=None, snapshot_epochs=(1,),
                  device=None, random_state: int = 0):
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
         if variant not in ST_DAC_VARIANTS: raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(ST_DAC_VARIANTS)}')
@@ -199,7 +200,8 @@ class DeepAdaptiveClustering(NeuralClusterer):
     def _build(self, X: torch.Tensor):
         self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
         kw = {} if self.variant == 'dac_star' else dict(widths=tuple(self.widths), hidden=self.hidden,
-                                                        third_pool=self.third_pool, dropout=self.dropout)
+                                                        third_pool=self.third_pool, dropout=self.dropout,
+                                                        final_tanh=self.final_tanh)
         self.net_ = build_st_dac_net(self.variant, X.shape[1], X.shape[2], self.n_clusters, **kw).to(self.device_)
         self.tau_ = self.augment or (lambda x: x)
 
@@ -276,14 +278,14 @@ def st_dac_config(variant: str, dataset: str, protocol: str) -> dict:
     fashion = dataset == 'fashion_mnist'
     cfg = dict(epochs=10, batch_size=32, lr=1e-4, lower=0.8 if fashion else 0.9, upper=0.99, schedule='linear',
                widths=(64, 128, 256), hidden=3096, third_pool=True, dropout=0.0, self_label_weight=0.0,
-               pair_labels='clean', subset=None, subset_seed=0, checkpoint_every=1, save_artifacts=True)
+               pair_labels='clean', final_tanh=True, subset=None, subset_seed=0, checkpoint_every=1, save_artifacts=True)
     if dataset == 'digits': cfg.update(ST_DAC_DIGITS)
     elif protocol == 'cpu': cfg.update(ST_DAC_CPU)
     return cfg
 
 # %% ../nbs/10_st_dac.ipynb #fbbc0abd
 ST_DAC_ESTIMATOR_KEYS = ('epochs', 'batch_size', 'lr', 'lower', 'upper', 'schedule', 'widths', 'hidden', 'third_pool',
-                         'dropout', 'self_label_weight', 'pair_labels')
+                         'dropout', 'self_label_weight', 'pair_labels', 'final_tanh')
 
 def _class_stats(x: torch.Tensor, y: torch.Tensor, k: int):
     "Per-class mean and standard deviation images (k x C x H x W each)."

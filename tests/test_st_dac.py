@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from deepclust_nb.data import load_dataset
 from deepclust_nb.experiment import build_config, get_experiment
 from deepclust_nb.metrics import evaluate
-from deepclust_nb.st_dac import (ST_DAC_DIGITS, ST_DAC_VARIANTS, DeepAdaptiveClustering, SpatialTransformer,
+from deepclust_nb.st_dac import (ST_DAC_DIGITS, ST_DAC_ESTIMATOR_KEYS, ST_DAC_VARIANTS, DeepAdaptiveClustering, SpatialTransformer,
                                  balanced_upper, build_st_dac_net, dac_pair_loss, dac_pair_targets, dac_thresholds, label_features,
                                  st_dac_augmentation, st_dac_config)
 
@@ -95,6 +95,19 @@ def test_identity_st_layer_returns_input_and_default_zooms():
     theta = torch.tensor([[math.tanh(1), 0, 0], [0, math.tanh(1), 0]]).expand(3, 2, 3)
     zoomed = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
     assert torch.allclose(SpatialTransformer(1, 28)(x), zoomed, atol=1e-5)
+
+
+def test_final_tanh_option_reaches_every_st_layer():
+    assert st_dac_config('st2', 'mnist', 'cpu')['final_tanh'] is True and 'final_tanh' in ST_DAC_ESTIMATOR_KEYS
+    x = torch.rand(4, 1, 28, 28)
+    for final_tanh in (True, False):
+        net = build_st_dac_net('st3', final_tanh=final_tanh)
+        heads = [st.loc.head[-1] for st in (net.st1, net.st2, net.st3)]
+        assert all(isinstance(m, torch.nn.Tanh if final_tanh else torch.nn.Identity) for m in heads)
+        assert torch.allclose(net.st1(x), x, atol=1e-5) != final_tanh        # identity start only without the tanh
+    est = DeepAdaptiveClustering(10, 'st1', epochs=1, widths=(8, 8, 8), hidden=16, final_tanh=False).fit(
+        load_dataset('digits', 'all')[0][:64])
+    assert isinstance(est.net_.st1.loc.head[-1], torch.nn.Identity)
 
 
 @pytest.mark.parametrize('variant', list(ST_DAC_VARIANTS))
