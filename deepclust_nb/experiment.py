@@ -139,7 +139,8 @@ def target_table(targets: list[dict], results: str | Path | None = None) -> pd.D
     "Per target (`paper`, `variant`, `dataset`, `acc` in %; optional `tag`, `seeds` needed): the paper's quoted ACC, ours on `cpu` and `paper` (mean ± std, n), and whether the `cpu` target is met."
     rows = []
     for t in targets:
-        missing, unknown = {'paper', 'variant', 'dataset', 'acc'} - set(t), set(t) - {'paper', 'variant', 'dataset', 'acc', 'tag', 'seeds'}
+        needed = {'paper', 'variant', 'dataset', 'acc'}
+        missing, unknown = needed - set(t), set(t) - needed - {'tag', 'seeds'}
         if missing or unknown: raise KeyError(f'target {t}: ' + (f'lacks {sorted(missing)}' if missing else f'unknown keys {sorted(unknown)}'))
         tag, n_min, exp = t.get('tag', ''), t.get('seeds', 3), get_experiment(t['paper'])
         quoted = [q for q in exp.quoted if (q['dataset'], q['variant']) == (t['dataset'], t['variant']) and 'acc' in q]
