@@ -20,11 +20,11 @@ from .metrics import evaluate
 from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, kmeans, predict_batched, seed_everything
 
 # %% auto #0
-__all__ = ['GAT_WEIGHTS', 'GAT_DIGITS', 'GAT_DATASETS', 'GAT_VARIANTS', 'GAT_CPU', 'GAT_ESTIMATOR_KEYS', 'GAT_QUOTED',
-           'GAT_ATT_SIZE_QUOTED', 'GATCLUSTER', 'balanced_targets', 'transformation_loss', 'relation_targets',
-           'separability_loss', 'entropy_loss', 'gaussian_attention_map', 'soft_attention_loss', 'GATClusterNet',
-           'gatcluster_losses', 'gatcluster_augmentation', 'gatcluster_targets', 'GATCluster', 'gatcluster_config',
-           'gatcluster_fit_predict']
+__all__ = ['GAT_WEIGHTS', 'RELATION_INPUTS', 'GAT_DIGITS', 'GAT_DATASETS', 'GAT_VARIANTS', 'GAT_CPU', 'GAT_ESTIMATOR_KEYS',
+           'GAT_QUOTED', 'GAT_ATT_SIZE_QUOTED', 'GATCLUSTER', 'balanced_targets', 'transformation_loss',
+           'relation_targets', 'separability_loss', 'entropy_loss', 'gaussian_attention_map', 'soft_attention_loss',
+           'GATClusterNet', 'gatcluster_losses', 'gatcluster_augmentation', 'gatcluster_targets', 'GATCluster',
+           'gatcluster_config', 'gatcluster_fit_predict']
 
 # %% ../nbs/20_gatcluster.ipynb #efff1dad
 def _check_probs(l: torch.Tensor, name: str = 'label features') -> torch.Tensor:
@@ -145,10 +145,18 @@ def gatcluster_augmentation(dataset: str):
     return compose(*steps)
 
 # %% ../nbs/20_gatcluster.ipynb #af06daae
-def gatcluster_targets(l: torch.Tensor, n_clusters: int, n_init: int = 10, seed: int = 0, use_sm: bool = True):
+RELATION_INPUTS = ('label', 'sharpened')
+
+def gatcluster_targets(l: torch.Tensor, n_clusters: int, n_init: int = 10, seed: int = 0, use_sm: bool = True,
+                       relation_on: str = 'label', relation_min_cluster: float = 0.0):
     "Step 1's pseudo-targets from the label features of M samples: (l_hat of Eq. 5, r of Eq. 6 or None, l_hat_a of Eq. 11)."
-    r = relation_targets(kmeans(l.cpu().numpy(), n_clusters, n_init=n_init, seed=seed).labels) if use_sm else None
-    return balanced_targets(l), r, balanced_targets(l, power=2)
+    if relation_on not in RELATION_INPUTS: raise ValueError(f'relation_on must be one of {RELATION_INPUTS}, got {relation_on!r}')
+    if not 0 <= relation_min_cluster <= 1: raise ValueError(f'relation_min_cluster must be in [0, 1], got {relation_min_cluster!r}')
+    t_l, t_a = balanced_targets(l), balanced_targets(l, power=2)
+    if not use_sm: return t_l, None, t_a
+    ids = kmeans((l if relation_on == 'label' else t_a).cpu().numpy(), n_clusters, n_init=n_init, seed=seed).labels
+    small = np.bincount(ids, minlength=n_clusters).min() < relation_min_cluster * len(ids) / n_clusters
+    return t_l, (torch.eye(len(ids)) if small else relation_targets(ids)), t_a
 
 class GATCluster(NeuralClusterer):
     "GATCluster (Niu et al. 2020) with scikit-learn's fit/predict interface; images N x C x H x W in [0, 1]."
@@ -156,6 +164,7 @@ class GATCluster(NeuralClusterer):
                  attention: bool = True, grayscale: bool = True, use_ti: bool = True, use_sm: bool = True,
                  alpha1: float = 5.0, alpha2: float = 5.0, alpha3: float = 3.0, epochs: int = 10, M: int = 4000,
                  m1: int = 500, m2: int = 32, repeats: int = 1, lr: float = 1e-3, kmeans_n_init: int = 10,
+                 relation_on: str = 'label', relation_min_cluster: float = 0.0,
                  augment=None, snapshot_images=None, snapshot_epochs=(), device=None, random_state: int = 0):
         if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
         if not isinstance(att_size, (int, np.integer)) or att_size < 2: raise ValueError(f'att_size must be an integer >= 2, got {att_size!r}')
@@ -169,7 +178,8 @@ class GATCluster(NeuralClusterer):
         # Step 1: pseudo-targets for the M samples, from the originals, in inference mode
         self.net_.eval()
         l = predict_batched(self.net_, self._prep(xb), batch_size=self.m1, device=self.device_)
-        t_l, r, t_a = gatcluster_targets(l, self.n_clusters, self.kmeans_n_init, self.random_state + it, self.use_sm)
+        t_l, r, t_a = gatcluster_targets(l, self.n_clusters, self.kmeans_n_init, self.random_state + it, self.use_sm,
+                                         self.relation_on, self.relation_min_cluster)
         # Step 2: one transformed copy of the M samples, Adam steps on sub-batches of m2
         self.net_.train()
         w = dict(alpha1=self.alpha1, alpha2=self.alpha2, alpha3=self.alpha3, use_ti=self.use_ti, use_sm=self.use_sm)
@@ -185,7 +195,8 @@ class GATCluster(NeuralClusterer):
                 opt.zero_grad(); parts['total'].backward(); opt.step()
                 for k_, v in parts.items(): logs[k_] = logs.get(k_, 0.0) + v.item()
                 n += 1
-        return {k_: v / max(n, 1) for k_, v in logs.items()} | {'steps': n}
+        same = {} if r is None else {'r_same_pairs': r.mean().item(), 'r_identity': float(r.sum() == len(r))}
+        return {k_: v / max(n, 1) for k_, v in logs.items()} | same | {'steps': n}
 
     def _epoch(self, X, opt, epoch: int, on_epoch) -> dict:
         rng = torch.Generator().manual_seed(self.random_state * 1000 + epoch)
@@ -245,7 +256,7 @@ def gatcluster_config(variant: str, dataset: str, protocol: str) -> dict:
     "Settings of a run: the paper's (Section 4.2) for `paper`, with `GAT_CPU` replacing some for `cpu`."
     cfg = dict(widths=(64, 128, 256), att_size=6, alpha=0.05, attention=True, grayscale=True, use_ti=True, use_sm=True,
                **GAT_WEIGHTS, epochs=100, M=4000, m1=500, m2=32, repeats=1, lr=1e-3, kmeans_n_init=10,
-               subset=None, subset_seed=0, save_artifacts=True)
+               relation_on='label', relation_min_cluster=0.0, subset=None, subset_seed=0, save_artifacts=True)
     cfg.update(GAT_VARIANTS[variant])
     if dataset == 'digits': cfg.update(GAT_DIGITS)
     elif protocol == 'cpu': cfg.update(GAT_CPU)
@@ -253,7 +264,8 @@ def gatcluster_config(variant: str, dataset: str, protocol: str) -> dict:
 
 # %% ../nbs/20_gatcluster.ipynb #453b1d21
 GAT_ESTIMATOR_KEYS = ('widths', 'att_size', 'alpha', 'attention', 'grayscale', 'use_ti', 'use_sm', 'alpha1', 'alpha2',
-                      'alpha3', 'epochs', 'M', 'm1', 'm2', 'repeats', 'lr', 'kmeans_n_init')
+                      'alpha3', 'epochs', 'M', 'm1', 'm2', 'repeats', 'lr', 'kmeans_n_init', 'relation_on',
+                      'relation_min_cluster')
 
 def gatcluster_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Fit on train + test (or a stratified subset of them) and predict the same images."

@@ -72,6 +72,28 @@ def test_relations_from_a_known_partition_and_separability_loss():
     assert torch.equal(r, relation_targets([0, 0, 1, 1, 2, 2]))
 
 
+def test_authors_relation_targets_options():
+    # forty samples near cluster 0, one each near 1 and 2: the paper's r keeps the partition, the code's falls back to I
+    l = torch.tensor([[0.8, 0.1, 0.1]] * 40 + [[0.2, 0.7, 0.1], [0.2, 0.1, 0.7]])
+    _, r, _ = gatcluster_targets(l, 3, n_init=3)
+    assert torch.equal(r, relation_targets([0] * 40 + [1, 2]))
+    _, r, ta = gatcluster_targets(l, 3, n_init=3, relation_on='sharpened', relation_min_cluster=0.1)
+    assert torch.equal(r, torch.eye(42))
+    _, r, _ = gatcluster_targets(l, 3, n_init=3, relation_on='sharpened', relation_min_cluster=0.01)   # 1 >= 0.14: no fallback
+    assert torch.equal(r, relation_targets(kmeans(ta.numpy(), 3, n_init=3).labels))
+    assert torch.equal(ta, balanced_targets(l, power=2))
+    with pytest.raises(ValueError, match='relation_on'): gatcluster_targets(l, 3, relation_on='attention')
+    with pytest.raises(ValueError, match='relation_min_cluster'): gatcluster_targets(l, 3, relation_min_cluster=-0.1)
+    with pytest.raises(ValueError, match='relation_min_cluster'): gatcluster_targets(l, 3, relation_min_cluster=float('nan'))
+    # the estimator passes the options through and logs how often r fell back to I
+    x, _ = load_dataset('digits', 'all')
+    kw = dict(widths=(4, 4, 4), att_size=2, M=300, m1=300, epochs=1, random_state=0)
+    paper = GATCluster(10, **kw).fit(x[:300]).history_[-1]
+    always = GATCluster(10, relation_min_cluster=1.0, **kw).fit(x[:300]).history_[-1]
+    assert paper['r_identity'] == 0 and paper['r_same_pairs'] > 1 / 300
+    assert always['r_identity'] == 1 and always['r_same_pairs'] == pytest.approx(1 / 300)
+
+
 def test_soft_attention_loss_hand_example():
     la = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
     t = torch.tensor([[0.9, 0.05, 0.05]], dtype=torch.float64)
@@ -99,6 +121,7 @@ def test_configs_and_registry():
     p, c = gatcluster_config('full', 'cifar10_jpeg', 'paper'), gatcluster_config('full', 'cifar10_jpeg', 'cpu')
     assert (p['M'], p['m2'], p['lr'], p['att_size'], p['alpha']) == (4000, 32, 1e-3, 6, 0.05)
     assert (p['alpha1'], p['alpha2'], p['alpha3']) == (5.0, 5.0, 3.0)
+    assert (p['relation_on'], p['relation_min_cluster'], p['repeats']) == ('label', 0.0, 1)   # Eq. 6, Algorithm 1
     assert c['subset'] and c['epochs'] < p['epochs']
     exp = get_experiment('gatcluster')
     assert set(exp.variants) == {'full', 'no_ti', 'no_sm', 'no_am', 'color'}
