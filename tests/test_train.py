@@ -134,7 +134,7 @@ def test_time_budget_limits_and_errors(tmp_path):
 def test_epoch_seconds_time_each_epoch():
     h = run_epochs(3, lambda e: time.sleep(0.02 * (e + 1)) or {'e': e})
     assert [e['e'] for e in h] == [0, 1, 2]
-    assert all(0.02 * (i + 1) <= e['epoch_seconds'] < 0.02 * (i + 1) + 0.5 for i, e in enumerate(h))
+    assert all(0.02 * (i + 1) <= e['epoch_seconds'] < 0.02 * (i + 1) + 2.0 for i, e in enumerate(h))   # generous: a loaded CI machine
     assert minutes_per_epoch(h) == pytest.approx(sum(e['epoch_seconds'] for e in h) / 3 / 60)
     assert minutes_per_epoch([{'epoch': 1}]) is None
 
