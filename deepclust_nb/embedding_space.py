@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import load_dataset, stratified_subset
+from .estimator import DeepClusterer, Method, as_vectors, register_method
 from .experiment import Experiment, Prediction, register
-from .train import (Checkpoint, ResumableState, get_device, kmeans, minibatches, predict_batched,
+from .train import (Checkpoint, ResumableState, adam, get_device, kmeans, minibatches, predict_batched,
                                 run_epochs, seed_everything)
 
 # %% auto #0
-__all__ = ['ES_DATASETS', 'ES_EPOCHS', 'ES_QUOTED', 'EMBEDDING_SPACE', 'mlp', 'DenoisingAutoencoder', 'reconstruction_loss',
-           'RepresentationNetwork', 'pairwise_sq_dists', 'student_t_similarity', 'embedding_loss', 'entropy',
-           'kl_divergence', 'joint_gradients', 'EmbeddingClustering', 'es_config', 'es_fit_predict']
+__all__ = ['ES_DATASETS', 'ES_EPOCHS', 'ES_QUOTED', 'ES_DEMO', 'ES_METHOD', 'EMBEDDING_SPACE', 'mlp', 'DenoisingAutoencoder',
+           'reconstruction_loss', 'RepresentationNetwork', 'pairwise_sq_dists', 'student_t_similarity',
+           'embedding_loss', 'entropy', 'kl_divergence', 'joint_gradients', 'EmbeddingClustering', 'es_config',
+           'es_summary', 'es_fit_predict']
 
 # %% ../nbs/30_embedding_space.ipynb #e5fbab39
 def mlp(sizes, activation=nn.ReLU) -> nn.Sequential:
@@ -103,27 +105,20 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-10) -> torch
 # %% ../nbs/30_embedding_space.ipynb #2ffb3594
 def joint_gradients(ae: DenoisingAutoencoder, rep: RepresentationNetwork, x: torch.Tensor, gamma: float = 0.01,
                     alpha: float | None = None, normalize: str = 'joint', recon_reduction: str = 'sum') -> dict:
-    "One forward pass; set `.grad` of encoder (L_R + gamma L_E), decoder (L_R) and representation network (L_E)."
+    "One forward and one backward pass; set `.grad` of encoder (L_R + gamma L_E), decoder (L_R) and representation network (L_E)."
+    if not gamma > 0: raise ValueError(f'gamma must be > 0, got {gamma!r}')
     z, logits = ae(x)
     l_r = reconstruction_loss(logits, x, recon_reduction)
     alpha = alpha or 2 * z.shape[1]
     l_e = embedding_loss(student_t_similarity(z, alpha, normalize), student_t_similarity(rep(z), 1.0, normalize))
-    ae_params, rep_params = list(ae.parameters()), list(rep.parameters())
-    g_ae = torch.autograd.grad(l_r + gamma * l_e, ae_params, retain_graph=True)
-    g_rep = torch.autograd.grad(l_e, rep_params)
-    for prm, g in zip(ae_params + rep_params, g_ae + g_rep): prm.grad = g
+    params = [*ae.parameters(), *rep.parameters()]
+    grads = torch.autograd.grad(l_r + gamma * l_e, params)
+    n_ae = sum(1 for _ in ae.parameters())
+    for k, (prm, g) in enumerate(zip(params, grads)):
+        prm.grad = g if k < n_ae else g / gamma      # only L_E reaches h: its gradient is gamma * dL_E, scaled back
     return {'l_r': l_r.detach(), 'l_e': l_e.detach()}
 
 # %% ../nbs/30_embedding_space.ipynb #32832cc5
-def _check_X(X, name='X') -> torch.Tensor:
-    X = torch.as_tensor(np.asarray(X) if not torch.is_tensor(X) else X)
-    if X.ndim != 2: raise ValueError(f'{name} must be 2-D (n_samples x n_features), got shape {tuple(X.shape)}')
-    if not (X.is_floating_point() or X.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f'{name} must be numeric, got dtype {X.dtype}')
-    X = X.float()
-    if not torch.isfinite(X).all(): raise ValueError(f'{name} contains NaN or infinite values')
-    return X
-
 def _finite(logs: dict, stage: str) -> dict:
     "Stop a diverged run before its NaN weights are checkpointed, with a hint at the usual cause."
     bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
@@ -131,29 +126,41 @@ def _finite(logs: dict, stage: str) -> dict:
                                      f"recon_reduction='mean')")
     return logs
 
-class EmbeddingClustering:
-    "Autoencoder + Representation Network + k-means (Dahal 2019), with scikit-learn's fit/predict interface."
+class EmbeddingClustering(DeepClusterer):
+    "Autoencoder + Representation Network + k-means (Dahal 2019) as a scikit-learn estimator; X: images or vectors in [0, 1]."
+    _input, _modules = 'vectors', ('autoencoder_', 'representation_')
+    _fitted = DeepClusterer._fitted + ('cluster_centers_', 'inertia_')
+
     def __init__(self, n_clusters: int = 10, latent_dim: int = 10, hidden=(500, 500, 2000), rep_hidden=(2000, 500, 500),
                  noise_std: float = 0.2, pretrain_epochs: int = 10, joint_epochs: int = 50, batch_size: int = 100,
                  lr: float = 1e-3, gamma: float = 0.01, alpha: float | None = None, normalize: str = 'column',
                  recon_reduction: str = 'sum', cluster_space: str = 'embedding', n_init: int = 10, rep_init: str = 'default',
-                 optimizer: str = 'adam', shuffle: bool = True, snapshot_epochs=(), snapshot_size: int = 5000, device=None, random_state: int = 0, verbose: bool = False):
-        if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
-        if cluster_space not in ('embedding', 'latent'): raise ValueError(f"cluster_space must be 'embedding' or 'latent', got {cluster_space!r}")
-        if pretrain_epochs < 0 or joint_epochs < 0: raise ValueError('epochs must be >= 0')
-        if optimizer not in ('adam', 'sgd_nesterov'): raise ValueError(f"optimizer must be 'adam' or 'sgd_nesterov', got {optimizer!r}")
-        self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
+                 optimizer: str = 'adam', shuffle: bool = True, joint_seed: int | None = None, snapshot_epochs=(),
+                 snapshot_size: int = 5000, device=None, random_state: int = 0):
+        self.n_clusters, self.latent_dim, self.hidden, self.rep_hidden = n_clusters, latent_dim, hidden, rep_hidden
+        self.noise_std, self.pretrain_epochs, self.joint_epochs, self.batch_size = noise_std, pretrain_epochs, joint_epochs, batch_size
+        self.lr, self.gamma, self.alpha, self.normalize, self.recon_reduction = lr, gamma, alpha, normalize, recon_reduction
+        self.cluster_space, self.n_init, self.rep_init, self.optimizer, self.shuffle = cluster_space, n_init, rep_init, optimizer, shuffle
+        self.joint_seed, self.snapshot_epochs, self.snapshot_size = joint_seed, snapshot_epochs, snapshot_size
+        self.device, self.random_state = device, random_state
 
-    def _build(self, in_dim: int):
+    def _check_params(self):
+        super()._check_params()
+        if self.cluster_space not in ('embedding', 'latent'): raise ValueError(f"cluster_space must be 'embedding' or 'latent', got {self.cluster_space!r}")
+        if self.pretrain_epochs < 0 or self.joint_epochs < 0: raise ValueError('epochs must be >= 0')
+        if self.optimizer not in ('adam', 'sgd_nesterov'): raise ValueError(f"optimizer must be 'adam' or 'sgd_nesterov', got {self.optimizer!r}")
+        if self.recon_reduction not in ('sum', 'mean'): raise ValueError(f"recon_reduction must be 'sum' or 'mean', got {self.recon_reduction!r}")
+        if not self.gamma > 0: raise ValueError(f'gamma must be > 0, got {self.gamma!r}')
+
+    def _build(self, input_shape):
         self.device_ = get_device(self.device)
-        self.autoencoder_ = DenoisingAutoencoder(in_dim, self.latent_dim, self.hidden, self.noise_std).to(self.device_)
+        self.autoencoder_ = DenoisingAutoencoder(int(np.prod(input_shape)), self.latent_dim, self.hidden, self.noise_std).to(self.device_)
         self.representation_ = RepresentationNetwork(self.latent_dim, self.rep_hidden, self.rep_init).to(self.device_)
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
         "Adam (the paper) or SGD with Nesterov momentum 0.9 (the authors' MNIST script), both at `lr`."
-        if self.optimizer == 'adam': return torch.optim.Adam(params, lr=self.lr)
+        if self.optimizer == 'adam': return adam(params, lr=self.lr)
         return torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True)
-
     def _pretrain_epoch(self, X: torch.Tensor, opt) -> dict:
         ae, total = self.autoencoder_.train(), 0.0
         for idx in minibatches(len(X), self.batch_size, shuffle=self.shuffle):
@@ -178,12 +185,10 @@ class EmbeddingClustering:
         return {'z': Z.half(), 'e': predict_batched(self.representation_, Z, device=self.device_).half()}
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, pretrained: str | Path | None = None):
-        "Pre-train, train jointly and cluster X (n_samples x n_features in [0, 1]); `y` is ignored."
-        X = _check_X(X)
-        if len(X) < max(self.batch_size, self.n_clusters):
-            raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} samples, got {len(X)}')
+        "Pre-train, train jointly and cluster X (images, or rows of features in [0, 1]); `y` is ignored."
+        X = self._fit_input(X, self.batch_size)
         seed_everything(self.random_state)
-        self._build(X.shape[1])
+        self._build(self.input_shape_)
         Xd = X.to(self.device_)
         snap_idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(self.random_state))[:self.snapshot_size]
         # Stage 1: pre-training (its checkpoint doubles as the cache of the pre-trained autoencoder)
@@ -194,6 +199,9 @@ class EmbeddingClustering:
         pre_hist = run_epochs(self.pretrain_epochs, lambda e: self._pretrain_epoch(Xd, opt_pre), pre_ckpt,
                               {'ae': self.autoencoder_, 'opt': opt_pre}, desc='pretrain')
         # Stage 2: joint training, one optimiser over all parameters (the gradients are set by joint_gradients)
+        if self.joint_seed is not None:   # a controlled experiment: the same pre-training, another start of the joint phase
+            seed_everything(self.joint_seed)
+            self.representation_ = RepresentationNetwork(self.latent_dim, self.rep_hidden, self.rep_init).to(self.device_)
         opt = self._optimizer([*self.autoencoder_.parameters(), *self.representation_.parameters()])
         state = ResumableState(snapshots={})
         def joint_epoch(epoch):
@@ -215,10 +223,7 @@ class EmbeddingClustering:
 
     def transform(self, X) -> np.ndarray:
         "The features k-means clusters: embeddings E = h(f(X)) (or latent codes Z with cluster_space='latent')."
-        if not hasattr(self, 'autoencoder_'): raise RuntimeError('call fit first')
-        X = _check_X(X)
-        D = self.autoencoder_.encoder[0].in_features
-        if X.shape[1] != D: raise ValueError(f'X has {X.shape[1]} features, the model was fitted on {D}')
+        X = self._check_fitted(X)
         Z = predict_batched(self.autoencoder_, X, device=self.device_)[0]
         if self.cluster_space == 'latent': return Z.numpy()
         return predict_batched(self.representation_, Z, device=self.device_).numpy()
@@ -228,10 +233,6 @@ class EmbeddingClustering:
         F_ = self.transform(X)
         d = ((F_[:, None, :] - self.cluster_centers_[None]) ** 2).sum(-1)
         return d.argmin(1).astype(np.int64)
-
-    def fit_predict(self, X, y=None, **kw) -> np.ndarray:
-        "fit, then return `labels_`."
-        return self.fit(X, **kw).labels_
 
 # %% ../nbs/30_embedding_space.ipynb #1d85a752
 ES_DATASETS = ('mnist', 'fashion_mnist', 'usps', 'digits')
@@ -247,8 +248,15 @@ def es_config(variant: str, dataset: str, protocol: str) -> dict:
                 rep_hidden=(512, 256, 256) if small else (2000, 500, 500), noise_std=0.2, pretrain_epochs=pre,
                 joint_epochs=joint if variant == 'full' else 0, batch_size=100, lr=1e-3, gamma=0.01, alpha=None,
                 normalize='column', recon_reduction='sum', n_init=10, rep_init='default', optimizer='adam', shuffle=True,
-                split='all', subset=None,
+                split='all', subset=None, pretrain_seed=None,
                 snapshot_epochs=(0, 1, 5, 20, joint) if variant == 'full' else ())
+
+def es_summary(est: EmbeddingClustering, features: np.ndarray, seed: int, n_points: int = 2000) -> dict:
+    "What the chapter's figures need, in under 1 MB: Z and E of a fixed sample at the snapshot epochs, k-means for k = 7 and 14."
+    idx = est.snapshot_index_[:n_points]
+    snaps = {str(k): {n: t[:n_points].half().numpy() for n, t in v.items()} for k, v in est.snapshots_.items()}
+    return {'snapshot_index': idx.numpy().astype(np.int32), 'snapshots': snaps,
+            **{f'kmeans_k{k}': kmeans(features, k, n_init=10, seed=seed).labels.astype(np.uint8) for k in (7, 14)}}
 
 def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Train on the flattened images of `cfg['split']` (or a stratified subset), cluster E (full) or Z (ae_kmeans)."
@@ -256,19 +264,22 @@ def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
     if cfg['subset']: x, y = stratified_subset(x, y, cfg['subset'], seed=seed)
     keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'joint_epochs', 'batch_size', 'lr',
             'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'rep_init', 'optimizer', 'shuffle', 'snapshot_epochs')
-    est = EmbeddingClustering(n_clusters=10, cluster_space='embedding' if variant == 'full' else 'latent',
-                              device=device, random_state=seed, **{k: cfg[k] for k in keys})
+    pre_seed = seed if cfg.get('pretrain_seed') is None else cfg['pretrain_seed']   # the crossing experiment sets it
+    est = EmbeddingClustering(n_clusters=10, cluster_space='embedding' if variant == 'full' else 'latent', device=device,
+                              random_state=pre_seed, joint_seed=None if pre_seed == seed else seed, **{k: cfg[k] for k in keys})
     pre_keys = ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'batch_size', 'lr', 'recon_reduction', 'split', 'subset')
     changed = [[k, cfg.get(k, d)] for k, d in (('optimizer', 'adam'), ('shuffle', True)) if cfg.get(k, d) != d]   # keeps older caches' keys
-    key = hashlib.md5(json.dumps([dataset, seed, str(device)] + [cfg[k] for k in pre_keys] + changed).encode()).hexdigest()[:10]
-    cache = checkpoint.path.parent/f'pretrain__{dataset}__seed{seed}__{key}.pt'   # shared by ae_kmeans and full
+    key = hashlib.md5(json.dumps([dataset, pre_seed, str(device)] + [cfg[k] for k in pre_keys] + changed).encode()).hexdigest()[:10]
+    cache = checkpoint.path.parent/f'pretrain__{dataset}__seed{pre_seed}__{key}.pt'   # shared by ae_kmeans and full
     t0 = time.perf_counter()
     est.fit(x.flatten(1), checkpoint=checkpoint, pretrained=cache)
-    feats = torch.from_numpy(est.transform(x.flatten(1)))
-    art = {'features': feats.half(), 'snapshot_index': est.snapshot_index_,
+    fit_s = time.perf_counter() - t0
+    feats = est.transform(x.flatten(1))
+    summary = es_summary(est, feats, seed) if variant == 'full' else {}
+    art = {'features': torch.from_numpy(feats).half(), 'snapshot_index': est.snapshot_index_,
            'snapshots': {k: {n: t.half() for n, t in v.items()} for k, v in est.snapshots_.items()}}
-    return Prediction(est.labels_, y, cfg['split'], history=est.history_, artifacts=art,
-                      extra={'inertia': est.inertia_, 'fit_seconds': time.perf_counter() - t0})
+    return Prediction(est.labels_, y, cfg['split'], history=est.history_, summary=summary, artifacts=art,
+                      extra={'inertia': est.inertia_, 'fit_seconds': fit_s})
 
 # %% ../nbs/30_embedding_space.ipynb #91854518
 ES_QUOTED = [
@@ -281,6 +292,19 @@ ES_QUOTED = [
     {'dataset': 'usps', 'variant': 'full', 'acc': 88.7, 'nmi': 80.4, 'ari': 80.2, 'split': 'all',
      'source': "authors' code comments, best epoch by labels"},
 ]
+
+ES_DEMO = dict(hidden=(256, 256, 512), rep_hidden=(512, 256, 256), pretrain_epochs=30, joint_epochs=30)
+
+def _es_preset(protocol: str, **changes) -> dict:
+    "Estimator settings of an MNIST run of `protocol` (the registry's presets), with `changes`."
+    cfg = {**es_config('full', 'mnist', protocol), **changes}
+    return {k: cfg[k] for k in ('latent_dim', 'hidden', 'rep_hidden', 'noise_std', 'pretrain_epochs', 'joint_epochs',
+                                'batch_size', 'lr', 'gamma', 'alpha', 'normalize', 'recon_reduction', 'n_init', 'rep_init',
+                                'optimizer', 'shuffle')}
+
+ES_METHOD = register_method(Method('embedding_space', EmbeddingClustering, {
+    'demo': ES_DEMO, 'cpu': _es_preset('cpu'), 'paper': _es_preset('paper'), 'mean': _es_preset('cpu', recon_reduction='mean')},
+    'Clustering embedding space (Dahal 2019)', experiment='embedding_space'))
 
 EMBEDDING_SPACE = register(Experiment('embedding_space', 'Clustering embedding space (Dahal 2019)', ('ae_kmeans', 'full'),
                                       ES_DATASETS, es_config, es_fit_predict, ES_QUOTED))

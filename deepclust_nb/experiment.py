@@ -5,6 +5,7 @@
 # %% ../nbs/82_experiment_runner.ipynb #ecdf95ca
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ from .data import get_spec
 from .metrics import as_labels, evaluate, mapped_confusion
 from .records import (PROTOCOLS, _jsonable, fmt_mean_std, git_commit, load_records, make_record, paper_vs_ours,
                                   read_record, record_path, results_dir, run_name, write_record)
-from .train import Checkpoint, atomic_save, device_name, get_device, seed_everything
+from .train import Checkpoint, atomic_save, device_name, get_device, run_clock, seed_everything
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'Prediction', 'Experiment', 'register', 'get_experiment', 'build_config', 'StaleRecordWarning',
-           'config_drift', 'run_experiment', 'load_artifacts', 'run_grid', 'paper_table', 'target_table']
+__all__ = ['EXPERIMENTS', 'SUMMARY_MAX_BYTES', 'Prediction', 'Experiment', 'register', 'get_experiment', 'build_config',
+           'cache_dir', 'save_summary', 'load_summary', 'artifacts_path', 'load_artifacts', 'StaleRecordWarning',
+           'config_drift', 'run_experiment', 'run_grid', 'paper_table', 'target_table']
 
 # %% ../nbs/82_experiment_runner.ipynb #d93a7eff
 @dataclass
@@ -34,7 +36,8 @@ class Prediction:
     split: str                                  # the split the predictions are for: 'train', 'test' or 'all'
     history: list = field(default_factory=list) # per-epoch logs (losses; metrics only for figures, never for selection)
     extra: dict = field(default_factory=dict)   # anything else worth keeping in the record (n_samples, timings, ...)
-    artifacts: dict = field(default_factory=dict) # tensors for figures (embeddings, snapshots): saved beside the record
+    summary: dict = field(default_factory=dict)   # small arrays the figures need (<= 1 MB as npz): kept beside the record
+    artifacts: dict = field(default_factory=dict) # large tensors (embeddings, probabilities): kept in the artifact cache
 
 @dataclass
 class Experiment:
@@ -73,6 +76,64 @@ def build_config(exp: Experiment, variant: str, dataset: str, protocol: str, ove
         cfg[k] = v
     return cfg
 
+# %% ../nbs/82_experiment_runner.ipynb #0a7b11d6
+SUMMARY_MAX_BYTES = 1_000_000
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    "Where large files that no clone carries go: `path`, else `$DEEPCLUST_CACHE`, else `~/.cache/deepclust_nb`."
+    return Path(path or os.environ.get('DEEPCLUST_CACHE') or '~/.cache/deepclust_nb').expanduser()
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f'{prefix}{k}'
+        if '/' in str(k): raise ValueError(f"summary keys may not contain '/': {k!r}")
+        if isinstance(v, dict): out.update(_flatten(v, key + '/'))
+        else: out[key] = v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+    return out
+
+def _unflatten(flat: dict) -> dict:
+    out = {}
+    for key, v in flat.items():
+        *path, leaf = key.split('/'); d = out
+        for p in path: d = d.setdefault(p, {})
+        d[leaf] = v
+    return out
+
+def save_summary(summary: dict, path: str | os.PathLike, max_bytes: int = SUMMARY_MAX_BYTES) -> Path:
+    "Write nested dicts of arrays as one compressed npz (keys joined by '/'); refuse more than `max_bytes`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    flat = _flatten(summary)
+    if any(a.dtype == object for a in flat.values()): raise ValueError('summaries hold numeric arrays only')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.npz'); os.close(fd)
+    try:
+        np.savez_compressed(tmp, **flat)
+        if (size := os.path.getsize(tmp)) > max_bytes:
+            raise ValueError(f'summary for {path.name} is {size:,} bytes, over the {max_bytes:,} allowed: keep less (subsample, float16)')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return path
+
+def load_summary(rec: dict, results: str | Path | None = None) -> dict:
+    "The summary a run kept beside its record, as nested dicts of numpy arrays (empty when it kept none)."
+    if not rec.get('summary'): return {}
+    with np.load(results_dir(results)/rec['paper']/rec['summary'], allow_pickle=False) as f: return _unflatten(dict(f))
+
+def artifacts_path(rec: dict, cache: str | os.PathLike | None = None) -> Path:
+    "Where a run's large tensors are cached."
+    return cache_dir(cache)/'artifacts'/rec['paper']/rec['artifacts']
+
+def load_artifacts(rec: dict, results: str | Path | None = None, cache: str | os.PathLike | None = None) -> dict:
+    "The large tensors of a run, from the artifact cache (or, for old runs, beside the record); empty when it kept none."
+    if not rec.get('artifacts'): return {}
+    for p in (artifacts_path(rec, cache), results_dir(results)/rec['paper']/rec['artifacts']):
+        if p.exists(): return torch.load(p, weights_only=False)
+    cmd = (f"deepclust run {rec['paper']} --variant {rec['variant']} --dataset {rec['dataset']} --protocol {rec['protocol']} "
+           f"--seed {rec['seed']}" + (f" --tag {rec['tag']}" if rec.get('tag') else '') + ' (with the overrides in its config)')
+    raise FileNotFoundError(f"the artifacts of {rec['paper']}/{rec['artifacts']} are not in the cache {cache_dir(cache)/'artifacts'} "
+                            f"(clones do not carry them): its summary has what the figures need; to rebuild them, run {cmd}")
+
 # %% ../nbs/82_experiment_runner.ipynb #adb2c233
 class StaleRecordWarning(UserWarning):
     "A stored record that `skip_existing` returns was run with other settings than the ones requested."
@@ -101,28 +162,23 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
     ckpt = Checkpoint(results_dir(results).parent/'checkpoints'/paper/f'{name}.pt', every=cfg.get('checkpoint_every', 1))
     seed_everything(seed)
     provenance = git_commit()      # the code that starts the run, even if commits land while it trains
-    resumed = ckpt.path.exists()   # then wall_seconds counts only this session
-    t0 = time.perf_counter()
-    pred = exp.fit_predict(cfg, variant=variant, dataset=dataset, seed=seed, device=device, checkpoint=ckpt)
-    wall = time.perf_counter() - t0
+    resumed = ckpt.path.exists()
+    with run_clock(ckpt.path.with_name(f'{name}.time.json')) as clock:
+        pred = exp.fit_predict(cfg, variant=variant, dataset=dataset, seed=seed, device=device, checkpoint=ckpt)
     y_true, y_pred = as_labels(pred.y_true, 'y_true'), as_labels(pred.y_pred, 'y_pred')
     rec = make_record(paper, variant, dataset, pred.split, protocol, seed, evaluate(y_true, y_pred), cfg,
-                      device_name(device), wall, tag=tag, n_samples=len(y_true), resumed=resumed,
+                      device_name(device), clock.parts, tag=tag, n_samples=len(y_true), resumed=resumed,
                       n_clusters_found=int(len(np.unique(y_pred))), confusion=mapped_confusion(y_true, y_pred),
                       history=pred.history, **pred.extra)
     rec.update(provenance)
+    if pred.summary: rec['summary'] = save_summary(pred.summary, out.with_name(f'{name}.summary.npz')).name
     if pred.artifacts:
-        art = out.with_name(out.stem + '.artifacts.pt')
-        atomic_save(pred.artifacts, art)
-        rec['artifacts'] = art.name
+        rec['artifacts'] = f'{name}.artifacts.pt'
+        atomic_save(pred.artifacts, artifacts_path(rec))
     write_record(rec, results)
     if not keep_checkpoint: ckpt.clear()
+    clock.clear()
     return rec
-
-def load_artifacts(rec: dict, results: str | Path | None = None) -> dict:
-    "The tensors a run saved beside its record (empty when it saved none)."
-    if not rec.get('artifacts'): return {}
-    return torch.load(results_dir(results)/rec['paper']/rec['artifacts'], weights_only=False)
 
 def run_grid(paper: str, variants, datasets, seeds, protocol: str = 'cpu', skip_existing: bool = True, **kwargs) -> list[dict]:
     "Run every (variant, dataset, seed), skipping runs whose record exists: re-running a grid never redoes finished work."

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -18,9 +19,9 @@ import pandas as pd
 import torch
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'RECORD_FIELDS', 'project_root', 'results_dir', 'git_commit', 'validate_record', 'make_record',
-           'run_name', 'record_path', 'write_record', 'read_record', 'load_records', 'summarize', 'fmt_mean_std',
-           'paper_vs_ours']
+__all__ = ['PROTOCOLS', 'RECORD_FIELDS', 'SCHEMA', 'SCHEMA_FIELDS', 'project_root', 'results_dir', 'git_commit', 'cpu_model',
+           'library_versions', 'validate_record', 'make_record', 'run_name', 'record_path', 'write_record',
+           'read_record', 'load_records', 'summarize', 'fmt_mean_std', 'paper_vs_ours']
 
 # %% ../nbs/81_records.ipynb #1a10f4f2
 def project_root(start: str | os.PathLike | None = None) -> Path | None:
@@ -54,6 +55,26 @@ PROTOCOLS = ('cpu', 'paper')
 RECORD_FIELDS = {'paper': str, 'variant': str, 'dataset': str, 'split': str, 'protocol': str, 'seed': int,
                  'metrics': dict, 'config': dict, 'commit': str, 'device': str, 'torch_version': str,
                  'wall_seconds': (int, float), 'finished_at': str}
+SCHEMA = 2             # 2: versions, cpu, threads and wall_parts are required
+SCHEMA_FIELDS = {'versions': dict, 'cpu': str, 'threads': int, 'wall_parts': list}
+
+def cpu_model() -> str:
+    "The processor's model name (Linux: /proc/cpuinfo), else what `platform` knows."
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine() or 'unknown'
+
+def library_versions() -> dict:
+    "The versions of everything that shapes a number: Python, torch, torchvision, NumPy, scikit-learn, SciPy, this package."
+    from importlib.metadata import PackageNotFoundError, version
+    out = {'python': platform.python_version()}
+    for name, dist in (('torch', 'torch'), ('torchvision', 'torchvision'), ('numpy', 'numpy'),
+                       ('scikit-learn', 'scikit-learn'), ('scipy', 'scipy'), ('deepclust_nb', 'deepclust_nb')):
+        try: out[name] = version(dist)
+        except PackageNotFoundError: out[name] = 'not installed'
+    return out
 
 def _jsonable(o):
     "Make configs and histories JSON-friendly (tuples, numpy and torch scalars, paths, callables)."
@@ -71,6 +92,11 @@ def validate_record(rec: dict) -> dict:
         if k not in rec: raise ValueError(f'record lacks the field {k!r}')
         if not isinstance(rec[k], t) or (t is int and isinstance(rec[k], bool)):
             raise ValueError(f'record field {k!r} should be {t}, got {type(rec[k]).__name__}')
+    if rec.get('schema', 1) >= 2:
+        for k, t in SCHEMA_FIELDS.items():
+            if not isinstance(rec.get(k), t): raise ValueError(f'a schema-2 record needs {k!r} as {t.__name__}, got {rec.get(k)!r}')
+        if abs(sum(rec['wall_parts']) - rec['wall_seconds']) > 0.01 * max(1.0, rec['wall_seconds']):
+            raise ValueError(f"wall_seconds {rec['wall_seconds']} is not the sum of wall_parts {rec['wall_parts']}")
     if rec['protocol'] not in PROTOCOLS: raise ValueError(f"protocol must be one of {PROTOCOLS}, got {rec['protocol']!r}")
     if rec['split'] not in ('train', 'test', 'all'): raise ValueError(f"split must be train, test or all, got {rec['split']!r}")
     for m in ('acc', 'nmi', 'ari'):
@@ -80,12 +106,14 @@ def validate_record(rec: dict) -> dict:
     return rec
 
 def make_record(paper: str, variant: str, dataset: str, split: str, protocol: str, seed: int, metrics: dict,
-                config: dict, device: str, wall_seconds: float, tag: str = '', **extra) -> dict:
-    "A validated run record; `extra` (history, n_samples, ...) is stored alongside the required fields."
-    rec = {'paper': paper, 'variant': variant, 'dataset': dataset, 'split': split, 'protocol': protocol,
-           'seed': int(seed), 'tag': tag, 'metrics': {k: float(v) for k, v in metrics.items()},
-           'config': _jsonable(config), **git_commit(), 'device': device, 'torch_version': torch.__version__,
-           'wall_seconds': round(float(wall_seconds), 3),
+                config: dict, device: str, wall_seconds: float | list, tag: str = '', **extra) -> dict:
+    "A validated run record (schema 2); `wall_seconds` is a number or the list of the run's parts; `extra` (history, ...) is stored alongside."
+    parts = [round(float(s), 3) for s in (wall_seconds if isinstance(wall_seconds, (list, tuple)) else [wall_seconds])]
+    rec = {'schema': SCHEMA, 'paper': paper, 'variant': variant, 'dataset': dataset, 'split': split,
+           'protocol': protocol, 'seed': int(seed), 'tag': tag, 'metrics': {k: float(v) for k, v in metrics.items()},
+           'config': _jsonable(config), **git_commit(), 'device': device, 'cpu': cpu_model(),
+           'threads': torch.get_num_threads(), 'torch_version': torch.__version__, 'versions': library_versions(),
+           'wall_seconds': round(sum(parts), 3), 'wall_parts': parts,
            'finished_at': datetime.now(timezone.utc).isoformat(timespec='seconds'), **_jsonable(extra)}
     return validate_record(rec)
 

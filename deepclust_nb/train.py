@@ -5,6 +5,7 @@
 # %% ../nbs/80_training_loop.ipynb #d00dcf85
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -23,9 +24,9 @@ from tqdm.auto import tqdm
 from .augment import check_image_input
 
 # %% auto #0
-__all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'predict_batched', 'KMeansResult', 'kmeans',
-           'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'TimeBudgetExhausted',
-           'time_budget', 'run_epochs', 'minutes_per_epoch', 'NeuralClusterer']
+__all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'adam', 'predict_batched', 'KMeansResult',
+           'kmeans', 'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'TimeBudgetExhausted',
+           'time_budget', 'RunClock', 'run_clock', 'run_epochs', 'minutes_per_epoch', 'NeuralClusterer']
 
 # %% ../nbs/80_training_loop.ipynb #d54a7096
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -58,6 +59,14 @@ def progress(iterable: Iterable, desc: str | None = None, total: int | None = No
     "A tqdm progress bar over `iterable`, off when `$DEEPCLUST_PROGRESS` is 0."
     disable = os.environ.get('DEEPCLUST_PROGRESS', '1') == '0'
     return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, mininterval=1.0, **kwargs)
+
+# %% ../nbs/80_training_loop.ipynb #2630e16c
+def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> torch.optim.Adam:
+    "`torch.optim.Adam` with the fused kernel where the parameters' device has one (the same update, fewer kernel launches)."
+    params = list(params)
+    try: return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):   # a device or dtype without a fused kernel: the default implementation
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 # %% ../nbs/80_training_loop.ipynb #90aa401a
 @torch.no_grad()
@@ -169,7 +178,51 @@ def time_budget(seconds: float | None):
 def _deadline() -> float | None:
     return _DEADLINES[-1] if _DEADLINES else None
 
+# %% ../nbs/80_training_loop.ipynb #9174e89b
+class RunClock:
+    "Wall seconds of each part of a run (a part ends when the process stops), kept in a JSON file updated after every epoch."
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.parts, self._t0 = Path(path), [], None
+
+    def start(self) -> RunClock:
+        "Begin a new part, after the parts the file already holds (a run that resumes)."
+        try: self.parts = [float(s) for s in json.loads(self.path.read_text())['parts']] if self.path.exists() else []
+        except (ValueError, KeyError, TypeError) as e: raise RuntimeError(f'{self.path} is damaged ({e}); delete it') from e
+        self.parts.append(0.0); self._t0 = time.perf_counter()
+        return self
+
+    def tick(self) -> None:
+        "Update the current part's time and write the file (atomically)."
+        self.parts[-1] = time.perf_counter() - self._t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix='.tmp')
+        with os.fdopen(fd, 'w') as f: json.dump({'parts': self.parts}, f)
+        os.replace(tmp, self.path)
+
+    @property
+    def total(self) -> float: return float(sum(self.parts))
+
+    def clear(self) -> None:
+        "Delete the file (the run is finished and recorded)."
+        if self.path.exists(): self.path.unlink()
+
+_CLOCKS: list[RunClock] = []      # the clocks of the runs in progress, innermost last
+
+@contextmanager
+def run_clock(path: str | os.PathLike):
+    "Time a run (resuming the parts stored at `path`); `run_epochs` ticks it after every epoch."
+    clock = RunClock(path).start()
+    _CLOCKS.append(clock)
+    try: yield clock
+    finally:
+        clock.tick(); _CLOCKS.pop()
+
 # %% ../nbs/80_training_loop.ipynb #bc8d37cf
+def _postfix(logs: dict) -> dict:
+    "What a progress bar shows after an epoch: the losses and the largest cluster's share, when the logs have them."
+    keep = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and (k.startswith(('loss', 'l_')) or k == 'largest_cluster')}
+    return {k: f'{v:.3g}' for k, v in list(keep.items())[:4]}
+
 def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Checkpoint | None = None,
                objects: dict | None = None, desc: str = 'epochs') -> list[dict]:
     "Call `epoch_fn(epoch)` for each epoch not done yet, checkpointing `objects`; returns the per-epoch history."
@@ -179,7 +232,8 @@ def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Check
         if saved is not None: start, history = saved['epoch'], saved['history']
     elif _deadline() is not None and n_epochs > 0:
         warnings.warn('time budget ignored: without a checkpoint, stopping would lose the finished epochs', stacklevel=2)
-    for epoch in progress(range(start, n_epochs), desc=desc, total=n_epochs - start):
+    bar = progress(range(start, n_epochs), desc=desc, total=n_epochs - start)
+    for epoch in bar:
         if checkpoint is not None and took and _deadline() is not None and time.monotonic() + max(took) > _deadline():
             if epoch % checkpoint.every: checkpoint.save({'epoch': epoch, 'history': history}, **objects)
             raise TimeBudgetExhausted(f'time budget used up after epoch {epoch} of {n_epochs}; the checkpoint '
@@ -187,9 +241,11 @@ def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Check
         t0 = time.perf_counter()
         logs = epoch_fn(epoch) or {}
         took.append(time.perf_counter() - t0)
-        history.append({'epoch': epoch + 1, **logs, 'epoch_seconds': took[-1]})
+        history.append({'epoch': epoch + 1, **logs, 'seconds': logs.get('seconds', took[-1]), 'epoch_seconds': took[-1]})
         if checkpoint is not None and ((epoch + 1) % checkpoint.every == 0 or epoch + 1 == n_epochs):
             checkpoint.save({'epoch': epoch + 1, 'history': history}, **objects)
+        for clock in _CLOCKS: clock.tick()
+        if hasattr(bar, 'set_postfix'): bar.set_postfix(_postfix(logs), refresh=False)
     return history
 
 # %% ../nbs/80_training_loop.ipynb #3169b2a1

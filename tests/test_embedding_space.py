@@ -1,4 +1,5 @@
 import numpy as np
+from sklearn.exceptions import NotFittedError
 import pytest
 import torch
 
@@ -91,16 +92,29 @@ def test_shapes_and_noise():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match='n_clusters'): EmbeddingClustering(n_clusters=1)
-    with pytest.raises(ValueError, match='cluster_space'): EmbeddingClustering(cluster_space='pixels')
-    X = np.random.rand(200, 8); X[3, 2] = np.nan
-    with pytest.raises(ValueError, match='NaN'): EmbeddingClustering(**SMALL).fit(X)
-    with pytest.raises(ValueError, match='2-D'): EmbeddingClustering(**SMALL).fit(np.random.rand(200, 2, 4))
-    with pytest.raises(ValueError, match='at least 100 samples'): EmbeddingClustering(**SMALL).fit(np.random.rand(50, 8))
-    est = EmbeddingClustering(**SMALL, pretrain_epochs=1, joint_epochs=1, n_init=1).fit(np.random.rand(200, 8))
-    with pytest.raises(ValueError, match='has 5 features, the model was fitted on 8'): est.predict(np.random.rand(3, 5))
-    with pytest.raises(RuntimeError, match='fit first'): EmbeddingClustering().transform(np.random.rand(3, 8))
-    with pytest.raises(ValueError, match='optimizer'): EmbeddingClustering(optimizer='rmsprop')
+    X = np.random.rand(200, 8)
+    for bad, msg in [(dict(n_clusters=1), 'n_clusters'), (dict(cluster_space='pixels'), 'cluster_space'),
+                     (dict(optimizer='rmsprop'), 'optimizer'), (dict(gamma=0.0), 'gamma must be > 0')]:
+        est = EmbeddingClustering(**{**SMALL, **bad})          # __init__ stores; fit validates (scikit-learn's rule)
+        with pytest.raises(ValueError, match=msg): est.fit(X)
+    Xn = X.copy(); Xn[3, 2] = np.nan
+    with pytest.raises(ValueError, match='NaN'): EmbeddingClustering(**SMALL).fit(Xn)
+    with pytest.raises(ValueError, match='is 1-D'): EmbeddingClustering(**SMALL).fit(np.random.rand(200))
+    with pytest.raises(ValueError, match=r'\[0, 1\]'): EmbeddingClustering(**SMALL).fit(255 * X)
+    with pytest.raises(ValueError, match='at least 100 vectors'): EmbeddingClustering(**SMALL).fit(np.random.rand(50, 8))
+    est = EmbeddingClustering(**SMALL, pretrain_epochs=1, joint_epochs=1, n_init=1).fit(X)
+    with pytest.raises(ValueError, match=r'shape \(5,\), the model was fitted on \(8,\)'): est.predict(np.random.rand(3, 5))
+    with pytest.raises(NotFittedError, match='fit first'): EmbeddingClustering().transform(np.random.rand(3, 8))
+
+
+def test_images_in_any_form_give_the_same_model():
+    x = load_dataset('digits', 'train')[0][:300]
+    kw = dict(**SMALL, pretrain_epochs=1, joint_epochs=1, n_init=1)
+    ref = EmbeddingClustering(**kw).fit(x.flatten(1)).labels_
+    u8 = (x * 255).round().to(torch.uint8)
+    for form in (x, x.numpy(), x[:, 0].numpy(), x.permute(0, 2, 3, 1).numpy()):
+        assert np.array_equal(EmbeddingClustering(**kw).fit(form).labels_, ref)
+    assert EmbeddingClustering(**kw).fit(u8).labels_.shape == (300,)
 
 
 def test_authors_optimizer_and_batch_order_and_divergence(tmp_path):
