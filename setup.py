@@ -9,6 +9,8 @@ cfg = cfg['DEFAULT']
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
 console_scripts = cfg.get('console_scripts', '').split()
+# every module that registers methods, read by deepclust_nb.estimator.load_methods (other packages add their own)
+method_modules = [f'{m} = {cfg["lib_name"]}.{m}' for m in cfg.get('method_modules', '').split()]
 
 licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
 lic = licenses[cfg['license']]
@@ -32,5 +34,6 @@ setuptools.setup(
     extras_require={'dev': dev_requirements},
     python_requires='>=' + cfg['min_python'],
     zip_safe=False,
-    entry_points={'console_scripts': console_scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={'console_scripts': console_scripts, 'deepclust_nb.methods': method_modules,
+                  'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
 )

@@ -13,18 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import (check_image_input, color_jitter, compose, gaussian_noise, random_affine,
+from .augment import (color_jitter, compose, gaussian_noise, random_affine,
                                   random_hflip, random_resized_crop)
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, NeuralClusterer, get_device, kmeans, predict_batched, run_epochs, seed_everything
+from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_method
+from .train import Checkpoint, adam, get_device, kmeans, predict_batched, run_epochs, seed_everything
 
 # %% auto #0
-__all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'association_probs',
-           'walker_target', 'walker_loss', 'visit_loss', 'association_loss', 'norm_loss', 'pairwise_logit_crossentropy',
-           'trafo_loss', 'VCNN', 'BasicBlock', 'CifarResNet', 'ADCNet', 'adc_losses', 'adc_augmentation', 'adc_lr',
-           'AssociativeDeepClustering', 'adc_config', 'adc_fit_predict', 'ablation_weights']
+__all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'ADC_METHOD',
+           'association_probs', 'walker_target', 'walker_loss', 'visit_loss', 'association_loss', 'norm_loss',
+           'pairwise_logit_crossentropy', 'trafo_loss', 'VCNN', 'BasicBlock', 'CifarResNet', 'ADCNet', 'adc_losses',
+           'adc_augmentation', 'adc_lr', 'AssociativeDeepClustering', 'adc_config', 'adc_summary', 'adc_fit_predict',
+           'ablation_weights']
 
 # %% ../nbs/40_adc.ipynb #2f0acfe9
 def association_probs(a: torch.Tensor, b: torch.Tensor):
@@ -186,25 +188,33 @@ def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 1
     return lr * scale / decay ** (step // decay_every)
 
 # %% ../nbs/40_adc.ipynb #fa03238a
-class AssociativeDeepClustering(NeuralClusterer):
-    "Associative Deep Clustering (Haeusser et al. 2018) with scikit-learn's fit/predict interface."
+class AssociativeDeepClustering(DeepClusterTransformer):
+    "Associative Deep Clustering (Haeusser et al. 2018) as a scikit-learn estimator; images in any form `as_images` reads."
     def __init__(self, n_clusters: int = 10, arch: str = 'vcnn', widths=None, emb_dim: int = 128, resnet_blocks: int = 3,
                  dropout: float = 0.0, centroids_per_cluster: int = 1, steps: int = 20000, loss_warmup: int = 1000,
                  batch_size: int = 100, n_aug: int = 4, augment=None, lr: float = 8e-4, lr_warmup: int = 2000,
                  lr_decay_every: int = 10000, betas=(0.8, 0.9), visit_weight: float = 0.3, alpha: float = 1.0,
                  beta: float = 0.9, gamma: float = 1e-5, delta: float = 2e-5, cls_weight: float = 1.0,
                  logit_l2: float = 1e-4, kmeans_samples: int | None = None, reset_adam_at_init: bool = False,
-                 aug_weight_after_init: float = 1.0, chunk: int = 100, device=None, random_state: int = 0):
-        if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
-        if arch not in ('vcnn', 'resnet'): raise ValueError(f"arch must be 'vcnn' or 'resnet', got {arch!r}")
-        if not 0 <= loss_warmup < steps: raise ValueError(f'need 0 <= loss_warmup < steps, got {loss_warmup} and {steps}')
-        if n_aug < 1: raise ValueError(f'n_aug must be >= 1, got {n_aug}')
-        if not aug_weight_after_init >= 0: raise ValueError(f'aug_weight_after_init must be >= 0, got {aug_weight_after_init}')
-        self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
+                 aug_weight_after_init: float = 1.0, chunk: int = 100, image_shape=None, device=None, random_state: int = 0):
+        self.n_clusters, self.arch, self.widths, self.emb_dim, self.resnet_blocks = n_clusters, arch, widths, emb_dim, resnet_blocks
+        self.dropout, self.centroids_per_cluster, self.steps, self.loss_warmup = dropout, centroids_per_cluster, steps, loss_warmup
+        self.batch_size, self.n_aug, self.augment, self.lr, self.lr_warmup = batch_size, n_aug, augment, lr, lr_warmup
+        self.lr_decay_every, self.betas, self.visit_weight, self.alpha, self.beta = lr_decay_every, betas, visit_weight, alpha, beta
+        self.gamma, self.delta, self.cls_weight, self.logit_l2 = gamma, delta, cls_weight, logit_l2
+        self.kmeans_samples, self.reset_adam_at_init, self.aug_weight_after_init = kmeans_samples, reset_adam_at_init, aug_weight_after_init
+        self.chunk, self.image_shape, self.device, self.random_state = chunk, image_shape, device, random_state
 
-    def _build(self, X: torch.Tensor):
+    def _check_params(self):
+        super()._check_params()
+        if self.arch not in ('vcnn', 'resnet'): raise ValueError(f"arch must be 'vcnn' or 'resnet', got {self.arch!r}")
+        if not 0 <= self.loss_warmup < self.steps: raise ValueError(f'need 0 <= loss_warmup < steps, got {self.loss_warmup} and {self.steps}')
+        if self.n_aug < 1: raise ValueError(f'n_aug must be >= 1, got {self.n_aug}')
+        if not self.aug_weight_after_init >= 0: raise ValueError(f'aug_weight_after_init must be >= 0, got {self.aug_weight_after_init}')
+
+    def _build(self, input_shape):
         self.device_ = get_device(self.device)
-        C, H = X.shape[1], X.shape[2]
+        C, H = input_shape[0], input_shape[1]
         bb = (VCNN(C, H, self.emb_dim, self.widths or (32, 64, 128), self.dropout) if self.arch == 'vcnn' else
               CifarResNet(C, self.resnet_blocks, self.widths or (16, 32, 64)))
         self.net_ = ADCNet(bb, self.n_clusters, self.centroids_per_cluster).to(self.device_)
@@ -244,24 +254,16 @@ class AssociativeDeepClustering(NeuralClusterer):
         return logs
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None):
-        "Train on images X (N x C x H x W in [0, 1]); `y` is ignored."
-        X = check_image_input(X)
-        if len(X) < max(self.batch_size, self.n_clusters): raise ValueError(f'need at least {max(self.batch_size, self.n_clusters)} images, got {len(X)}')
+        "Train on images X (any form `as_images` reads); `y` is ignored."
+        X = self._fit_input(X, self.batch_size)
         seed_everything(self.random_state)
-        self._build(X)
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, betas=tuple(self.betas))
+        self._build(self.input_shape_)
+        opt = adam(self.net_.parameters(), lr=self.lr, betas=tuple(self.betas))
         n_chunks = -(-self.steps // self.chunk)
-        self.history_ = run_epochs(n_chunks, lambda c: self._chunk(X, opt, c), checkpoint,
-                                   {'net': self.net_, 'opt': opt}, desc='chunks')
+        def chunk(c): return self._chunk(X, opt, c)
+        self.history_ = run_epochs(n_chunks, chunk, checkpoint, {'net': self.net_, 'opt': opt}, desc='chunks')
         self.labels_ = self.predict(X)
         return self
-
-    def _check_fitted(self, X):
-        if not hasattr(self, 'net_'): raise RuntimeError('call fit first')
-        X = check_image_input(X)
-        first = self.net_.backbone.net[0] if self.arch == 'resnet' else self.net_.backbone.features[0]
-        if X.shape[1] != first.in_channels: raise ValueError(f'X has {X.shape[1]} channels, the model was fitted on {first.in_channels}')
-        return X
 
     def transform(self, X) -> np.ndarray:
         "Embeddings f(X)."
@@ -272,7 +274,9 @@ class AssociativeDeepClustering(NeuralClusterer):
         "Cluster membership probabilities softmax(W f(X))."
         X = self._check_fitted(X)
         self.net_.eval()
-        return predict_batched(lambda x: self.net_.logits(self.net_(x)).softmax(1), X, device=self.device_).numpy()
+        return predict_batched(self._proba, X, device=self.device_).numpy()
+
+    def _proba(self, x: torch.Tensor) -> torch.Tensor: return self.net_.logits(self.net_(x)).softmax(1)
 
 # %% ../nbs/40_adc.ipynb #28555dc1
 ADC_DATASETS = ('mnist', 'fashion_mnist', 'usps', 'cifar10_jpeg', 'digits')
@@ -303,6 +307,10 @@ ADC_ESTIMATOR_KEYS = ('arch', 'widths', 'emb_dim', 'resnet_blocks', 'dropout', '
                       'alpha', 'beta', 'gamma', 'delta', 'cls_weight', 'logit_l2', 'kmeans_samples', 'reset_adam_at_init',
                       'aug_weight_after_init', 'chunk')
 
+def adc_summary(art: dict) -> dict:
+    "What the figures need: the test images' cluster probabilities (float16; 10,000 x 10 is 200 kB)."
+    return {'proba': art['proba'].half().numpy()} if art else {}
+
 def adc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Fit on the training split (or a stratified subset of it), predict the test split."
     x_tr, y_tr = load_dataset(dataset, 'train')
@@ -319,8 +327,8 @@ def adc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, ch
              'steps_per_s': float(np.mean([h['steps_per_s'] for h in est.history_])),
              'images_per_s': float(np.mean([h['images_per_s'] for h in est.history_])),
              'kmeans_on_embeddings': evaluate(y_te, km)}
-    art = {'proba': torch.from_numpy(proba).half()} if cfg['save_artifacts'] else {}
-    return Prediction(proba.argmax(1), y_te, 'test', history=est.history_, extra=extra, artifacts=art)
+    summary = adc_summary({'proba': torch.from_numpy(proba).half()}) if cfg['save_artifacts'] else {}
+    return Prediction(proba.argmax(1), y_te, 'test', history=est.history_, extra=extra, summary=summary, model=est)
 
 # %% ../nbs/40_adc.ipynb #40cbf121
 ADC_QUOTED = [
@@ -336,6 +344,15 @@ ADC_QUOTED = [
 
 ADC = register(Experiment('adc', 'Associative Deep Clustering (Haeusser et al. 2018)', ('vcnn', 'resnet'),
                           ADC_DATASETS, adc_config, adc_fit_predict, ADC_QUOTED))
+
+def _adc_preset(dataset: str, protocol: str) -> dict:
+    "Estimator settings of a run (the registry's presets)."
+    cfg = adc_config('vcnn', dataset, protocol)
+    return {k: cfg[k] for k in ADC_ESTIMATOR_KEYS}
+
+ADC_METHOD = register_method(Method('adc', AssociativeDeepClustering, {
+    'demo': _adc_preset('digits', 'cpu'), 'cpu': _adc_preset('mnist', 'cpu'), 'paper': _adc_preset('mnist', 'paper')},
+    ADC.title, experiment='adc'))
 
 # %% ../nbs/40_adc.ipynb #8013384e
 def ablation_weights(n: int = 30, seed: int = 2018) -> list[dict]:

@@ -14,22 +14,16 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 # %% auto #0
-__all__ = ['check_image_input', 'warp_affine', 'affine_matrices', 'random_affine', 'random_resized_crop', 'random_crop',
-           'random_hflip', 'random_vflip', 'adjust_brightness', 'adjust_contrast', 'adjust_saturation', 'adjust_hue',
-           'color_jitter', 'random_grayscale', 'random_brightness_shift', 'random_channel_shift', 'gaussian_noise',
-           'random_binarize', 'compose']
+__all__ = ['warp_affine', 'affine_matrices', 'random_affine', 'random_resized_crop', 'random_crop', 'random_hflip',
+           'random_vflip', 'adjust_brightness', 'adjust_contrast', 'adjust_saturation', 'adjust_hue', 'color_jitter',
+           'random_grayscale', 'random_brightness_shift', 'random_channel_shift', 'gaussian_noise', 'random_binarize',
+           'compose']
 
 # %% ../nbs/02_augment.ipynb #c6dd0704
 def _check_images(x: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(x) or x.ndim != 4: raise ValueError(f'expected a batch N x C x H x W, got {getattr(x, "shape", type(x))}')
     if not x.is_floating_point(): raise ValueError(f'expected float images in [0, 1], got dtype {x.dtype}')
     return x
-
-def check_image_input(X) -> torch.Tensor:
-    "Estimators' input check: anything tensor-like as a float N x C x H x W batch with no NaN or infinite values."
-    X = _check_images(torch.as_tensor(X))
-    if not torch.isfinite(X).all(): raise ValueError('X contains NaN or infinite values')
-    return X
 
 def _uniform(n: int, lo: float, hi: float, like: torch.Tensor) -> torch.Tensor:
     "`n` draws from U(lo, hi) on `like`'s device and dtype."

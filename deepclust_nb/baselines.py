@@ -5,12 +5,16 @@
 # %% ../nbs/03_kmeans.ipynb #aeb20cf6
 from __future__ import annotations
 
+import numpy as np
+from sklearn.exceptions import NotFittedError
+
 from .data import get_spec, load_dataset
+from .estimator import DeepClusterer, Method, register_method
 from .experiment import Experiment, Prediction, register
 from .train import kmeans
 
 # %% auto #0
-__all__ = ['KMEANS_DATASETS', 'KMEANS_QUOTED', 'KMEANS', 'kmeans_config', 'kmeans_fit_predict']
+__all__ = ['KMEANS_DATASETS', 'KMEANS_QUOTED', 'KMEANS', 'KMEANS_METHOD', 'kmeans_config', 'kmeans_fit_predict', 'PixelKMeans']
 
 # %% ../nbs/03_kmeans.ipynb #6d9b456a
 KMEANS_DATASETS = ('mnist', 'fashion_mnist', 'usps', 'cifar10_jpeg', 'digits')
@@ -40,3 +44,33 @@ KMEANS_QUOTED = [
 
 KMEANS = register(Experiment('kmeans', 'k-means on raw pixels', ('pixels',), KMEANS_DATASETS,
                              kmeans_config, kmeans_fit_predict, KMEANS_QUOTED))
+
+# %% ../nbs/03_kmeans.ipynb #590267cb
+class PixelKMeans(DeepClusterer):
+    "k-means on the flattened pixels of images in any form `as_images` reads (scikit-learn's KMeans, `n_init` restarts)."
+    _input, _modules = 'vectors', ()
+    _fitted = DeepClusterer._fitted + ('cluster_centers_', 'inertia_', 'n_iter_')
+
+    def __init__(self, n_clusters: int = 10, n_init: int = 10, max_iter: int = 300, random_state: int = 0):
+        self.n_clusters, self.n_init, self.max_iter, self.random_state = n_clusters, n_init, max_iter, random_state
+
+    def _build(self, input_shape): pass                  # nothing to build: the centres are the model
+
+    def fit(self, X, y=None):
+        "k-means of the pixels; `y` is ignored."
+        X = self._fit_input(X)
+        r = kmeans(X.numpy(), self.n_clusters, n_init=self.n_init, seed=self.random_state, max_iter=self.max_iter)
+        self.labels_, self.cluster_centers_, self.inertia_, self.n_iter_, self.history_ = r.labels, r.centers, r.inertia, r.n_iter, []
+        return self
+
+    def _check_fitted(self, X):
+        if not hasattr(self, 'cluster_centers_'): raise NotFittedError('this PixelKMeans is not fitted yet: call fit first')
+        return super()._check_fitted(X)
+
+    def predict(self, X) -> np.ndarray:
+        "The nearest centre of each image."
+        F_ = self._check_fitted(X).numpy()
+        return ((F_[:, None, :] - self.cluster_centers_[None]) ** 2).sum(-1).argmin(1).astype(np.int64)
+
+KMEANS_METHOD = register_method(Method('kmeans', PixelKMeans, {'demo': {}, 'cpu': {}, 'paper': {}},
+                                       KMEANS.title, experiment='kmeans'))

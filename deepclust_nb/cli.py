@@ -7,28 +7,27 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
+import csv
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .data import CorruptDatasetError, DatasetNotFoundError, data_root, dataset_status
+from .data import CorruptDatasetError, DatasetNotFoundError, data_root, dataset_status, load_images
+from .estimator import METHODS, get_method, load_methods, load_model, make
 from .experiment import EXPERIMENTS, get_experiment, paper_table, run_experiment
+from .metrics import evaluate
 from .records import PROTOCOLS
 from .train import TimeBudgetExhausted, time_budget
 
 # %% auto #0
-__all__ = ['PAPER_MODULES', 'EXIT_PAUSED', 'load_papers', 'parse_overrides', 'main']
+__all__ = ['EXIT_PAUSED', 'load_papers', 'parse_overrides', 'main']
 
 # %% ../nbs/84_cli.ipynb #2a1a69fa
-PAPER_MODULES = ('baselines', 'st_dac', 'gatcluster', 'embedding_space', 'adc', 'variational_clustering')
-
 def load_papers() -> dict:
-    "Import every paper module that exists (each registers its experiment); return the registry."
-    for m in PAPER_MODULES:
-        try: importlib.import_module(f'deepclust_nb.{m}')
-        except ModuleNotFoundError as e:
-            if e.name != f'deepclust_nb.{m}': raise
+    "Import every registered method's module (each also registers its experiment); return the experiment registry."
+    load_methods()
     return EXPERIMENTS
 
 # %% ../nbs/84_cli.ipynb #2547873c
@@ -44,41 +43,96 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 # %% ../nbs/84_cli.ipynb #fd48d134
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='deepclust', description='deepclust_nb: reproduce deep image clustering papers')
+    p = argparse.ArgumentParser(prog='deepclust', description='deepclust_nb: deep image clustering, reproduced')
     sub = p.add_subparsers(dest='cmd', required=True)
     d = sub.add_parser('datasets', help='which datasets are ready to load, and where')
     d.add_argument('--root', help='data root (default: $DEEPCLUST_DATA, else ~/.cache/deepclust_nb/data)')
-    sub.add_parser('papers', help='registered experiments, their variants and datasets')
-    r = sub.add_parser('run', help='train, evaluate and write run records')
-    r.add_argument('paper'); r.add_argument('--dataset', required=True)
+    sub.add_parser('methods', help='registered methods, their presets, variants and datasets')
+    sub.add_parser('papers', help='the same as methods (kept for old scripts)')
+    r = sub.add_parser('run', help='train and evaluate: a dataset (writes run records) or a folder of your images')
+    r.add_argument('method'); src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument('--dataset', help='a registered dataset (deepclust datasets): the records pipeline')
+    src.add_argument('--data', help='a folder of images (class sub-folders, or flat): cluster your own images')
     r.add_argument('--variant', help='default: the only variant, when there is one')
     r.add_argument('--protocol', default='cpu', choices=PROTOCOLS)
+    r.add_argument('--preset', default='demo', help="with --data: the method's preset (deepclust methods lists them)")
+    r.add_argument('--size', type=int, nargs='+', help='with --data: resize images to SIZE (or H W)')
+    r.add_argument('--color', action='store_true', help='with --data: keep colour (default: grey)')
+    r.add_argument('--out', help='with --data: the CSV of clusters (default: <folder>_<method>.csv)')
     r.add_argument('--seed', type=int, nargs='+', default=[0])
     r.add_argument('--epochs', type=int, help='shorthand for --set epochs=N')
     r.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='override config settings')
-    r.add_argument('--tag', default='', help='suffix for the record name (sweeps that vary a setting)')
+    r.add_argument('--tag', default='', help='suffix for the record name (a preset, or a setting that differs)')
     r.add_argument('--device', help='cuda, cuda:1, cpu (default: cuda when available)')
     r.add_argument('--results', help='results folder (default: <project>/results or $DEEPCLUST_RESULTS)')
     r.add_argument('--skip-existing', action='store_true', help='do not redo runs whose record exists')
+    r.add_argument('--save', help='write the fitted model to this file (one seed)')
     r.add_argument('--time-budget', type=float, metavar='MINUTES',
                    help='stop before an epoch that would end later, checkpoint, exit 75; the same command resumes')
+    q = sub.add_parser('predict', help="cluster a folder of images with a saved model")
+    q.add_argument('model'); q.add_argument('--data', required=True); q.add_argument('--out')
     t = sub.add_parser('table', help="the paper's numbers beside ours, from the records")
     t.add_argument('paper'); t.add_argument('--protocol', choices=PROTOCOLS); t.add_argument('--results')
     return p
 
+def _write_clusters(path: Path, files, labels, truth=None, classes=()) -> None:
+    "One row per image: its file and cluster (and its class when the folder has class sub-folders)."
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(['file', 'cluster'] + (['class'] if truth is not None else []))
+        for j, (p, c) in enumerate(zip(files, labels)):
+            w.writerow([p, int(c)] + ([classes[int(truth[j])]] if truth is not None else []))
+
+def _report(labels, data, out: Path) -> None:
+    _write_clusters(out, data.paths, labels, data.y, data.classes)
+    sizes = np.bincount(labels)
+    print(f'{len(labels)} images in {len(sizes)} clusters (largest {sizes.max() / len(labels):.0%}); clusters of every file: {out}')
+    if data.y is not None:
+        m = evaluate(data.y.numpy(), labels)
+        print(f"against the {len(data.classes)} class folders: ACC {m['acc']:.4f} NMI {m['nmi']:.4f} ARI {m['ari']:.4f}")
+
+def _cmd_run_folder(a) -> None:
+    "Fit the method's preset on a folder of images; the CSV, and metrics only when labels exist."
+    size = None if not a.size else (a.size[0] if len(a.size) == 1 else tuple(a.size[:2]))
+    data = load_images(a.data, size=size, grey=not a.color)
+    overrides = parse_overrides(a.set)
+    if a.epochs is not None: overrides['epochs'] = a.epochs
+    est = make(a.method, a.preset, **overrides)
+    if 'random_state' in est.get_params(): est.set_params(random_state=a.seed[0])
+    if a.device and 'device' in est.get_params(): est.set_params(device=a.device)
+    labels = np.asarray(est.fit_predict(data.x))
+    out = Path(a.out or f"{Path(a.data).resolve().name}_{a.method}.csv")
+    _report(labels, data, out)
+    if a.save: print(f'model saved to {est.save(a.save)}')
+
 def _cmd_run(a) -> None:
-    exp = get_experiment(a.paper)
+    if a.data: return _cmd_run_folder(a)
+    exp = get_experiment(get_method(a.method).experiment or a.method) if a.method in load_methods() else get_experiment(a.method)
     variant = a.variant or (exp.variants[0] if len(exp.variants) == 1 else None)
-    if variant is None: raise ValueError(f"{a.paper} has several variants; choose one with --variant: {', '.join(exp.variants)}")
+    if variant is None: raise ValueError(f"{exp.paper} has several variants; choose one with --variant: {', '.join(exp.variants)}")
     overrides = parse_overrides(a.set)
     if a.epochs is not None: overrides['epochs'] = a.epochs
     with time_budget(None if a.time_budget is None else 60 * a.time_budget):
         for seed in a.seed:
-            rec = run_experiment(a.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
-                                 tag=a.tag, skip_existing=a.skip_existing, **overrides)
+            rec = run_experiment(exp.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
+                                 tag=a.tag, skip_existing=a.skip_existing, save_model=a.save if seed == a.seed[0] else None,
+                                 **overrides)
             m = rec['metrics']
-            print(f"{a.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
+            print(f"{exp.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
                   f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")
+
+def _cmd_predict(a) -> None:
+    est = load_model(a.model)
+    c, h, w = (est.input_shape_ if len(est.input_shape_) == 3 else (1, *([int(round(np.sqrt(est.input_shape_[0])))] * 2)))
+    data = load_images(a.data, size=(h, w), grey=c == 1)
+    labels = est.predict(data.x)
+    _report(np.asarray(labels), data, Path(a.out or f"{Path(a.data).resolve().name}_{Path(a.model).stem}.csv"))
+
+def _cmd_methods() -> None:
+    for name in sorted(load_methods()):
+        m = METHODS[name]
+        exp = EXPERIMENTS.get(m.experiment) if m.experiment else None
+        print(f"{name:24s} {m.title}\n{'':24s} presets: {', '.join(m.presets)}")
+        if exp: print(f"{'':24s} variants: {', '.join(exp.variants)}\n{'':24s} datasets: {', '.join(exp.datasets)}")
 
 EXIT_PAUSED = 75      # sysexits' EX_TEMPFAIL: the run stopped at its time budget; run the same command again
 
@@ -92,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             print(pd.DataFrame(dataset_status(a.root))[['name', 'available', 'cached', 'path', 'note']].to_string(index=False))
             return 0
         load_papers()
-        if a.cmd == 'papers':
-            for e in EXPERIMENTS.values():
-                print(f"{e.paper:24s} {e.title}\n{'':24s} variants: {', '.join(e.variants)}\n{'':24s} datasets: {', '.join(e.datasets)}")
+        if a.cmd in ('methods', 'papers'): _cmd_methods()
         elif a.cmd == 'run': _cmd_run(a)
+        elif a.cmd == 'predict': _cmd_predict(a)
         elif a.cmd == 'table':
             t = paper_table(a.paper, a.results, protocol=a.protocol)
             print(t.to_string(index=False) if len(t) else f'no records for {a.paper} yet')
@@ -103,6 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     except TimeBudgetExhausted as e:
         print(f'deepclust: paused: {e}', file=sys.stderr)
         return EXIT_PAUSED
-    except (ValueError, KeyError, DatasetNotFoundError, CorruptDatasetError) as e:
+    except (ValueError, KeyError, FileNotFoundError, DatasetNotFoundError, CorruptDatasetError) as e:
         print(f'deepclust: error: {e}', file=sys.stderr)
         return 2

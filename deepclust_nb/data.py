@@ -23,7 +23,8 @@ from .train import atomic_save
 # %% auto #0
 __all__ = ['DEFAULT_DATA_ROOT', 'DATASETS', 'SPLITS', 'data_root', 'DatasetNotFoundError', 'CorruptDatasetError', 'DatasetSpec',
            'dataset_names', 'get_spec', 'load_dataset', 'stratified_indices', 'stratified_subset', 'retention_rates',
-           'imbalanced_indices', 'imbalanced_subset', 'to_grayscale', 'show_samples', 'dataset_status']
+           'imbalanced_indices', 'imbalanced_subset', 'to_grayscale', 'show_samples', 'ImageFiles', 'load_images',
+           'dataset_status']
 
 # %% ../nbs/00_data.ipynb #af7834ae
 DEFAULT_DATA_ROOT = Path('~/.cache/deepclust_nb/data').expanduser()
@@ -326,6 +327,48 @@ def show_samples(x: torch.Tensor, y: torch.Tensor, n_per_class: int = 10, classe
         ax.set_yticks([step * (i + 0.5) for i in range(len(labels))], [classes[int(c)] for c in labels], fontsize=7)
     if title: ax.set_title(title, fontsize=9)
     return ax
+
+# %% ../nbs/00_data.ipynb #9845875a
+@dataclass
+class ImageFiles:
+    "Images read from a folder, the file each came from, and the labels when the folder has class sub-folders."
+    x: torch.Tensor                 # float32 N x C x H x W in [0, 1]
+    y: torch.Tensor | None          # int64 labels from the sub-folder names, or None for a flat folder
+    paths: list                     # the file of each image
+    classes: tuple = ()             # the class names (sub-folder names), in label order
+
+def _is_image_file(p: Path) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+
+def load_images(folder: str | os.PathLike, size=None, grey: bool = True) -> ImageFiles:
+    "Read an image folder (ImageFolder layout, or flat without labels) at `size`, in grey or colour."
+    from PIL import Image, UnidentifiedImageError
+    folder = Path(folder).expanduser()
+    if not folder.is_dir(): raise FileNotFoundError(f'{folder} is not a folder of images')
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    if subdirs and not any(_is_image_file(p) for p in folder.iterdir()):       # ImageFolder: one sub-folder per class
+        classes = tuple(d.name for d in subdirs)
+        items = [(p, c) for c, d in enumerate(subdirs) for p in sorted(d.rglob('*')) if _is_image_file(p)]
+    else: classes, items = (), [(p, -1) for p in sorted(folder.iterdir()) if _is_image_file(p)]
+    if not items: raise FileNotFoundError(f'no image files (.png, .jpg, ...) in {folder}')
+    if size is not None:
+        h, w = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+        if min(h, w) < 1: raise ValueError(f'size must be positive, got {size!r}')
+    imgs = []
+    for p, _ in items:
+        try:
+            with Image.open(p) as im:
+                im = im.convert('L' if grey else 'RGB')
+                if size is not None and im.size != (w, h): im = im.resize((w, h), Image.BILINEAR)
+                imgs.append(np.asarray(im))
+        except (UnidentifiedImageError, OSError) as e: raise CorruptDatasetError(f'{p} is not a readable image ({e})') from e
+    shapes = sorted({a.shape for a in imgs})
+    if len(shapes) > 1: raise ValueError(f'the images have different sizes ({shapes[:3]}...): pass size= to resize them to one')
+    x = torch.from_numpy(np.stack(imgs))
+    x = (x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2)).float().div_(255).contiguous()
+    y = torch.tensor([c for _, c in items], dtype=torch.long) if classes else None
+    return ImageFiles(x, y, [str(p) for p, _ in items], classes)
 
 # %% ../nbs/00_data.ipynb #74a6197f
 def dataset_status(root: str | os.PathLike | None = None) -> list[dict]:

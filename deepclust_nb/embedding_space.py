@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import load_dataset, stratified_subset
-from .estimator import DeepClusterer, Method, as_vectors, register_method
+from .estimator import DeepClusterTransformer, DeepClusterer, Method, as_vectors, register_method
 from .experiment import Experiment, Prediction, register
 from .train import (Checkpoint, ResumableState, adam, get_device, kmeans, minibatches, predict_batched,
                                 run_epochs, seed_everything)
@@ -126,7 +126,7 @@ def _finite(logs: dict, stage: str) -> dict:
                                      f"recon_reduction='mean')")
     return logs
 
-class EmbeddingClustering(DeepClusterer):
+class EmbeddingClustering(DeepClusterTransformer):
     "Autoencoder + Representation Network + k-means (Dahal 2019) as a scikit-learn estimator; X: images or vectors in [0, 1]."
     _input, _modules = 'vectors', ('autoencoder_', 'representation_')
     _fitted = DeepClusterer._fitted + ('cluster_centers_', 'inertia_')
@@ -196,7 +196,8 @@ class EmbeddingClustering(DeepClusterer):
         pre_ckpt = (Checkpoint(pretrained) if pretrained else
                     Checkpoint(checkpoint.path.with_name(checkpoint.path.stem + '.pretrain.pt')) if checkpoint else None)
         opt_pre = self._optimizer(self.autoencoder_.parameters())
-        pre_hist = run_epochs(self.pretrain_epochs, lambda e: self._pretrain_epoch(Xd, opt_pre), pre_ckpt,
+        def pretrain_epoch(epoch): return self._pretrain_epoch(Xd, opt_pre)
+        pre_hist = run_epochs(self.pretrain_epochs, pretrain_epoch, pre_ckpt,
                               {'ae': self.autoencoder_, 'opt': opt_pre}, desc='pretrain')
         # Stage 2: joint training, one optimiser over all parameters (the gradients are set by joint_gradients)
         if self.joint_seed is not None:   # a controlled experiment: the same pre-training, another start of the joint phase
@@ -278,7 +279,7 @@ def es_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
     summary = es_summary(est, feats, seed) if variant == 'full' else {}
     art = {'features': torch.from_numpy(feats).half(), 'snapshot_index': est.snapshot_index_,
            'snapshots': {k: {n: t.half() for n, t in v.items()} for k, v in est.snapshots_.items()}}
-    return Prediction(est.labels_, y, cfg['split'], history=est.history_, summary=summary, artifacts=art,
+    return Prediction(est.labels_, y, cfg['split'], history=est.history_, summary=summary, artifacts=art, model=est,
                       extra={'inertia': est.inertia_, 'fit_seconds': fit_s})
 
 # %% ../nbs/30_embedding_space.ipynb #91854518

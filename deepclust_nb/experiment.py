@@ -39,6 +39,7 @@ class Prediction:
     extra: dict = field(default_factory=dict)   # anything else worth keeping in the record (n_samples, timings, ...)
     summary: dict = field(default_factory=dict)   # small arrays the figures need (<= 1 MB as npz): kept beside the record
     artifacts: dict = field(default_factory=dict) # large tensors (embeddings, probabilities): kept in the artifact cache
+    model: object = None                        # the fitted estimator, for `run_experiment(save_model=...)`
 
 @dataclass
 class Experiment:
@@ -146,8 +147,8 @@ def config_drift(stored: dict, requested: dict) -> dict:
 
 def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu', seed: int = 0, device=None,
                    results: str | Path | None = None, tag: str = '', skip_existing: bool = False,
-                   keep_checkpoint: bool = False, **overrides) -> dict:
-    "Train and evaluate one run and write its record (`skip_existing`: return the stored record if there is one)."
+                   keep_checkpoint: bool = False, save_model: str | Path | None = None, **overrides) -> dict:
+    "Train and evaluate one run and write its record (`skip_existing`: return the stored record if there is one; `save_model`: a path for the fitted model)."
     exp = get_experiment(paper)
     cfg = build_config(exp, variant, dataset, protocol, overrides)
     name = run_name(variant, dataset, protocol, seed, tag)
@@ -172,11 +173,18 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
                       n_clusters_found=int(len(np.unique(y_pred))), confusion=mapped_confusion(y_true, y_pred),
                       history=pred.history, **pred.extra)
     rec.update(provenance)
-    if pred.summary: rec['summary'] = save_summary(pred.summary, out.with_name(f'{name}.summary.npz')).name
+    if pred.summary:
+        try: rec['summary'] = save_summary(pred.summary, out.with_name(f'{name}.summary.npz')).name
+        except ValueError as e:      # never lose a finished run over its figures: keep the summary with the artifacts
+            warnings.warn(f'{e}; it goes to the artifact cache instead', stacklevel=2)
+            pred.artifacts = {**pred.artifacts, 'summary': pred.summary}
     if pred.artifacts:
         rec['artifacts'] = f'{name}.artifacts.pt'
         atomic_save(pred.artifacts, artifacts_path(rec))
     write_record(rec, results)
+    if save_model is not None:
+        if pred.model is None: raise ValueError(f'{paper} returns no fitted model to save')
+        pred.model.save(save_model)
     if not keep_checkpoint: ckpt.clear()
     clock.clear()
     return rec

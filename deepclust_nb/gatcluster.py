@@ -17,14 +17,15 @@ from .augment import color_jitter, compose, random_affine, random_hflip
 from .data import get_spec, load_dataset, stratified_subset, to_grayscale
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, kmeans, predict_batched, seed_everything
+from .estimator import DeepClusterer, Method, register_method
+from .train import Checkpoint, adam, get_device, minutes_per_epoch, kmeans, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['GAT_WEIGHTS', 'RELATION_INPUTS', 'GAT_DIGITS', 'GAT_DATASETS', 'GAT_VARIANTS', 'GAT_CPU', 'GAT_ESTIMATOR_KEYS',
-           'GAT_QUOTED', 'GAT_ATT_SIZE_QUOTED', 'GATCLUSTER', 'balanced_targets', 'transformation_loss',
+           'GAT_QUOTED', 'GAT_ATT_SIZE_QUOTED', 'GATCLUSTER', 'GAT_METHOD', 'balanced_targets', 'transformation_loss',
            'relation_targets', 'separability_loss', 'entropy_loss', 'gaussian_attention_map', 'soft_attention_loss',
            'GATClusterNet', 'gatcluster_losses', 'gatcluster_augmentation', 'gatcluster_targets', 'GATCluster',
-           'gatcluster_config', 'gatcluster_fit_predict']
+           'gatcluster_config', 'gatcluster_summary', 'gatcluster_fit_predict']
 
 # %% ../nbs/20_gatcluster.ipynb #efff1dad
 def _check_probs(l: torch.Tensor, name: str = 'label features') -> torch.Tensor:
@@ -82,6 +83,14 @@ def soft_attention_loss(l_a: torch.Tensor, target: torch.Tensor, eps: float = 1e
     return -(target * p.log() + (1 - target) * (1 - p).log()).mean()
 
 # %% ../nbs/20_gatcluster.ipynb #cc8141d9
+def _cbr(ci: int, co: int, ks: int = 3) -> list:
+    "A 'same'-padded convolution, batch norm and ReLU."
+    return [nn.Conv2d(ci, co, ks, padding=ks // 2), nn.BatchNorm2d(co), nn.ReLU()]
+
+def _mlp2(k: int) -> nn.Sequential:
+    "The label-feature head: Linear, ReLU, Linear (k -> k -> k)."
+    return nn.Sequential(nn.Linear(k, k), nn.ReLU(), nn.Linear(k, k))
+
 class GATClusterNet(nn.Module):
     "Image feature module + label feature module + Gaussian attention module (Fig. 2)."
     def __init__(self, in_channels: int = 1, n_clusters: int = 10, widths=(64, 128, 256), att_size: int = 6,
@@ -90,17 +99,16 @@ class GATClusterNet(nn.Module):
         if n_clusters < 2: raise ValueError(f'n_clusters must be >= 2, got {n_clusters}')
         if not isinstance(att_size, (int, np.integer)) or att_size < 2: raise ValueError(f'att_size must be an integer >= 2, got {att_size!r}')
         w1, w2, w3 = widths; k = n_clusters
-        cbr = lambda ci, co, ks=3: [nn.Conv2d(ci, co, ks, padding=ks // 2), nn.BatchNorm2d(co), nn.ReLU()]
+        cbr = _cbr
         self.features = nn.Sequential(*cbr(in_channels, w1), *cbr(w1, w1), nn.MaxPool2d(2),
                                       *cbr(w1, w2), *cbr(w2, w2), nn.MaxPool2d(2), *cbr(w2, w3), *cbr(w3, k, 1),
                                       nn.AdaptiveAvgPool2d(att_size))
         self.feature_conv = nn.Sequential(nn.Conv2d(k, k, 1), nn.BatchNorm2d(k))
-        mlp = lambda: nn.Sequential(nn.Linear(k, k), nn.ReLU(), nn.Linear(k, k))
-        self.classifier = mlp()
+        self.classifier = _mlp2(k)
         self.att_size, self.alpha, self.attention = att_size, alpha, attention
         if attention:
             self.theta = nn.Linear(k * att_size * att_size, 3)
-            self.att_classifier = mlp()
+            self.att_classifier = _mlp2(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "Label features l (N x k softmax): the inference path."
@@ -158,18 +166,35 @@ def gatcluster_targets(l: torch.Tensor, n_clusters: int, n_init: int = 10, seed:
     small = np.bincount(ids, minlength=n_clusters).min() < relation_min_cluster * len(ids) / n_clusters
     return t_l, (torch.eye(len(ids)) if small else relation_targets(ids)), t_a
 
-class GATCluster(NeuralClusterer):
-    "GATCluster (Niu et al. 2020) with scikit-learn's fit/predict interface; images N x C x H x W in [0, 1]."
+def _identity(x): return x
+
+class GATCluster(DeepClusterer):
+    "GATCluster (Niu et al. 2020) as a scikit-learn estimator; images in any form `as_images` reads."
     def __init__(self, n_clusters: int = 10, widths=(64, 128, 256), att_size: int = 6, alpha: float = 0.05,
                  attention: bool = True, grayscale: bool = True, use_ti: bool = True, use_sm: bool = True,
                  alpha1: float = 5.0, alpha2: float = 5.0, alpha3: float = 3.0, epochs: int = 10, M: int = 4000,
                  m1: int = 500, m2: int = 32, repeats: int = 1, lr: float = 1e-3, kmeans_n_init: int = 10,
                  relation_on: str = 'label', relation_min_cluster: float = 0.0,
-                 augment=None, snapshot_images=None, snapshot_epochs=(), device=None, random_state: int = 0):
-        if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
-        if not isinstance(att_size, (int, np.integer)) or att_size < 2: raise ValueError(f'att_size must be an integer >= 2, got {att_size!r}')
-        if min(epochs, repeats, m1) < 1 or m2 < 2 or M < m2: raise ValueError(f'need epochs, repeats, m1 >= 1 and 2 <= m2 <= M, got {epochs}, {repeats}, {m1}, {m2}, {M}')
-        self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
+                 augment=None, snapshot_images=None, snapshot_epochs=(), image_shape=None, device=None, random_state: int = 0):
+        self.n_clusters, self.widths, self.att_size, self.alpha, self.attention = n_clusters, widths, att_size, alpha, attention
+        self.grayscale, self.use_ti, self.use_sm = grayscale, use_ti, use_sm
+        self.alpha1, self.alpha2, self.alpha3, self.epochs, self.M, self.m1, self.m2 = alpha1, alpha2, alpha3, epochs, M, m1, m2
+        self.repeats, self.lr, self.kmeans_n_init, self.relation_on = repeats, lr, kmeans_n_init, relation_on
+        self.relation_min_cluster, self.augment, self.snapshot_images = relation_min_cluster, augment, snapshot_images
+        self.snapshot_epochs, self.image_shape, self.device, self.random_state = snapshot_epochs, image_shape, device, random_state
+
+    def _check_params(self):
+        super()._check_params()
+        a = self.att_size
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a < 2: raise ValueError(f'att_size must be an integer >= 2, got {a!r}')
+        if min(self.epochs, self.repeats, self.m1) < 1 or self.m2 < 2 or self.M < self.m2:
+            raise ValueError(f'need epochs, repeats, m1 >= 1 and 2 <= m2 <= M, got {self.epochs}, {self.repeats}, {self.m1}, {self.m2}, {self.M}')
+
+    def _build(self, input_shape):
+        self.device_ = get_device(self.device)
+        c = 1 if self.grayscale and input_shape[0] == 3 else input_shape[0]
+        self.net_ = GATClusterNet(c, self.n_clusters, tuple(self.widths), self.att_size, self.alpha, self.attention).to(self.device_)
+        self.tau_ = self.augment or _identity
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return to_grayscale(x) if self.grayscale and x.shape[1] == 3 else x
@@ -218,13 +243,10 @@ class GATCluster(NeuralClusterer):
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X; `y` is ignored. `on_epoch(epoch, est)` may add numbers to the history."
-        X = self._check_fit_input(X, max(self.m2, self.n_clusters))
+        X = self._fit_input(X, self.m2)
         seed_everything(self.random_state)
-        self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
-        c = 1 if self.grayscale and X.shape[1] == 3 else X.shape[1]
-        self.net_ = GATClusterNet(c, self.n_clusters, tuple(self.widths), self.att_size, self.alpha, self.attention).to(self.device_)
-        self.tau_ = self.augment or (lambda x: x)
-        return self._train(X, torch.optim.Adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
+        self._build(self.input_shape_)
+        return self._train(X, adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
 
     def _check_fitted(self, X) -> torch.Tensor:
         return self._prep(super()._check_fitted(X))   # the same grayscale conversion as in training
@@ -267,6 +289,15 @@ GAT_ESTIMATOR_KEYS = ('widths', 'att_size', 'alpha', 'attention', 'grayscale', '
                       'alpha3', 'epochs', 'M', 'm1', 'm2', 'repeats', 'lr', 'kmeans_n_init', 'relation_on',
                       'relation_min_cluster')
 
+def gatcluster_summary(art: dict) -> dict:
+    "What the figures need: label features of 2,000 images at three epochs, the predictions, the most confident images with their attention."
+    if not art: return {}
+    out = {'pred': art['proba'].float().argmax(1).numpy().astype(np.uint8), 'snap_index': np.asarray(art['snap_index'], np.int32),
+           'snapshots': {k: v.half().numpy() for k, v in art['snapshots'].items()},
+           'top_index': np.asarray(art['top_index'], np.int32), 'top_counts': np.asarray(art['top_counts'], np.int32)}
+    if 'top_attention' in art: out['top_attention'] = {k: v.half().numpy() for k, v in art['top_attention'].items()}
+    return out
+
 def gatcluster_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Fit on train + test (or a stratified subset of them) and predict the same images."
     x, y = load_dataset(dataset, 'all')
@@ -291,7 +322,8 @@ def gatcluster_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, dev
         art = {'proba': torch.from_numpy(proba).half(), 'snap_index': snap, 'snapshots': dict(est.snapshots_),
                'top_index': torch.from_numpy(top), 'top_counts': [len(t) for t in tops]}
         if est.attention: art['top_attention'] = est.attention_maps(x[top])
-    return Prediction(proba.argmax(1), y, 'all', history=est.history_, extra=extra, artifacts=art)
+    return Prediction(proba.argmax(1), y, 'all', history=est.history_, extra=extra, summary=gatcluster_summary(art),
+                      artifacts={'proba': art['proba']} if art else {}, model=est)
 
 # %% ../nbs/20_gatcluster.ipynb #e2a9b2ff
 GAT_QUOTED = [
@@ -308,3 +340,13 @@ GAT_ATT_SIZE_QUOTED = {2: (74.6, 66.6, 5.0), 4: (70.6, 67.8, 1.7), 6: (76.2, 73.
 
 GATCLUSTER = register(Experiment('gatcluster', 'GATCluster (Niu et al. 2020)', tuple(GAT_VARIANTS), GAT_DATASETS,
                                  gatcluster_config, gatcluster_fit_predict, GAT_QUOTED))
+
+def _gat_preset(dataset: str, protocol: str) -> dict:
+    "Estimator settings of a run (the registry's presets)."
+    cfg = gatcluster_config('full', dataset, protocol)
+    return {k: cfg[k] for k in GAT_ESTIMATOR_KEYS}
+
+GAT_METHOD = register_method(Method('gatcluster', GATCluster, {
+    'demo': _gat_preset('digits', 'cpu'), 'cpu': _gat_preset('mnist', 'cpu'), 'paper': _gat_preset('mnist', 'paper')},
+    GATCLUSTER.title, experiment='gatcluster'))
+

@@ -17,13 +17,15 @@ from .augment import compose, random_affine, random_channel_shift, random_hflip
 from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
-from .train import Checkpoint, NeuralClusterer, get_device, minutes_per_epoch, minibatches, predict_batched, seed_everything
+from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_method
+from .train import Checkpoint, adam, get_device, minutes_per_epoch, minibatches, predict_batched, seed_everything
 
 # %% auto #0
 __all__ = ['DAC_SCHEDULES', 'ST_DAC_VARIANTS', 'ST_DAC_DIGITS', 'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_ESTIMATOR_KEYS',
-           'ST_DAC_QUOTED', 'ST_DAC', 'label_features', 'dac_pair_targets', 'dac_pair_loss', 'dac_thresholds',
-           'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet', 'build_st_dac_net',
-           'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_fit_predict']
+           'ST_DAC_QUOTED', 'ST_DAC', 'ST_DAC_METHOD', 'label_features', 'dac_pair_targets', 'dac_pair_loss',
+           'dac_thresholds', 'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet',
+           'build_st_dac_net', 'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_summary',
+           'st_dac_fit_predict']
 
 # %% ../nbs/10_st_dac.ipynb #064802b7
 def label_features(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -109,6 +111,14 @@ class SpatialTransformer(nn.Module):
         return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
 
 # %% ../nbs/10_st_dac.ipynb #125079c5
+def _conv_bn_relu(ci: int, co: int, k: int = 3, padding: int = 0) -> list:
+    "Conv (k x k), batch norm and ReLU: the unit of the DAC family's CNNs."
+    return [nn.Conv2d(ci, co, k, padding=padding), nn.BatchNorm2d(co), nn.ReLU()]
+
+def _pool_bn(c: int) -> list:
+    "2x2 max pooling followed by batch norm, as in Table 1."
+    return [nn.MaxPool2d(2), nn.BatchNorm2d(c)]
+
 class STDACNet(nn.Module):
     "Table 1's VGG-style CNN with 0-3 spatial transformer layers (after the input, block 2 and block 3); outputs softmax."
     def __init__(self, in_channels: int = 1, image_size: int = 28, n_clusters: int = 10, n_st: int = 0,
@@ -118,17 +128,15 @@ class STDACNet(nn.Module):
         if not 0 <= n_st <= 3: raise ValueError(f'n_st must be 0, 1, 2 or 3, got {n_st}')
         if n_clusters < 2: raise ValueError(f'n_clusters must be >= 2, got {n_clusters}')
         w1, w2, w3 = widths
-        conv = lambda ci, co: [nn.Conv2d(ci, co, 3, padding=1), nn.BatchNorm2d(co), nn.ReLU()]
-        pool = lambda c: [nn.MaxPool2d(2), nn.BatchNorm2d(c)]
         s1, s2 = image_size, image_size // 2
         self.n_st = n_st
         self.st1 = SpatialTransformer(in_channels, s1, final_tanh) if n_st >= 1 else nn.Identity()
-        self.block1 = nn.Sequential(*conv(in_channels, w1), *pool(w1))
-        self.block2 = nn.Sequential(*conv(w1, w2))
+        self.block1 = nn.Sequential(*_conv_bn_relu(in_channels, w1, 3, 1), *_pool_bn(w1))
+        self.block2 = nn.Sequential(*_conv_bn_relu(w1, w2, 3, 1))
         self.st2 = SpatialTransformer(w2, s2, final_tanh) if n_st >= 2 else nn.Identity()
-        self.block3 = nn.Sequential(*pool(w2), *conv(w2, w3))
+        self.block3 = nn.Sequential(*_pool_bn(w2), *_conv_bn_relu(w2, w3, 3, 1))
         self.st3 = SpatialTransformer(w3, s2 // 2, final_tanh) if n_st >= 3 else nn.Identity()
-        self.pool3 = nn.Sequential(*pool(w3)) if third_pool else nn.Identity()
+        self.pool3 = nn.Sequential(*_pool_bn(w3)) if third_pool else nn.Identity()
         n_flat = self._trunk(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
         self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
                                   nn.Linear(hidden, n_clusters), nn.BatchNorm1d(n_clusters), nn.ReLU())
@@ -151,7 +159,7 @@ class DACAllConvNet(nn.Module):
         super().__init__()
         if image_size < 20: raise ValueError(f"DAC's all-conv net needs images of at least 20x20, got {image_size}")
         w1, w2 = widths
-        cbr = lambda ci, co, k=3: [nn.Conv2d(ci, co, k), nn.BatchNorm2d(co), nn.ReLU()]
+        cbr = _conv_bn_relu
         self.features = nn.Sequential(*cbr(in_channels, w1), *cbr(w1, w1), *cbr(w1, w1), nn.MaxPool2d(2), nn.BatchNorm2d(w1),
                                       *cbr(w1, w2), *cbr(w2, w2), *cbr(w2, w2), nn.MaxPool2d(2), nn.BatchNorm2d(w2),
                                       *cbr(w2, n_clusters, 1), nn.AvgPool2d(2), nn.BatchNorm2d(n_clusters), nn.Flatten())
@@ -183,27 +191,35 @@ def st_dac_augmentation(dataset: str):
                    partial(random_channel_shift, intensity=0.1), partial(_rescale, factor=0.95))
 
 # %% ../nbs/10_st_dac.ipynb #c727691c
-class DeepAdaptiveClustering(NeuralClusterer):
-    "DAC* / ST-DAC (Souza & Zanchettin 2019) with scikit-learn's fit/predict interface."
+def _identity(x): return x
+
+class DeepAdaptiveClustering(DeepClusterTransformer):
+    "DAC* / ST-DAC (Souza & Zanchettin 2019) as a scikit-learn estimator; images in any form `as_images` reads."
     def __init__(self, n_clusters: int = 10, variant: str = 'st2', epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-4, lower: float = 0.9, upper: float = 0.99, schedule: str = 'linear',
                  widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0,
-                 self_label_weight: float = 0.0, pair_labels: str = 'clean', final_tanh: bool = True, augment=None, snapshot_images=None, snapshot_epochs=(1,),
-                 device=None, random_state: int = 0):
-        if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
-        if variant not in ST_DAC_VARIANTS: raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(ST_DAC_VARIANTS)}')
-        if pair_labels not in ('clean', 'augmented'): raise ValueError(f"pair_labels must be 'clean' or 'augmented', got {pair_labels!r}")
-        if epochs < 1 or batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}')
-        dac_thresholds(0, epochs, lower, upper, schedule)               # validates the thresholds and the schedule
-        self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
+                 self_label_weight: float = 0.0, pair_labels: str = 'clean', final_tanh: bool = True, augment=None,
+                 snapshot_images=None, snapshot_epochs=(1,), image_shape=None, device=None, random_state: int = 0):
+        self.n_clusters, self.variant, self.epochs, self.batch_size, self.lr = n_clusters, variant, epochs, batch_size, lr
+        self.lower, self.upper, self.schedule, self.widths, self.hidden = lower, upper, schedule, widths, hidden
+        self.third_pool, self.dropout, self.self_label_weight, self.pair_labels = third_pool, dropout, self_label_weight, pair_labels
+        self.final_tanh, self.augment, self.snapshot_images, self.snapshot_epochs = final_tanh, augment, snapshot_images, snapshot_epochs
+        self.image_shape, self.device, self.random_state = image_shape, device, random_state
 
-    def _build(self, X: torch.Tensor):
-        self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
+    def _check_params(self):
+        super()._check_params()
+        if self.variant not in ST_DAC_VARIANTS: raise ValueError(f'unknown variant {self.variant!r}; use one of {", ".join(ST_DAC_VARIANTS)}')
+        if self.pair_labels not in ('clean', 'augmented'): raise ValueError(f"pair_labels must be 'clean' or 'augmented', got {self.pair_labels!r}")
+        if self.epochs < 1 or self.batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}')
+        dac_thresholds(0, self.epochs, self.lower, self.upper, self.schedule)   # validates the thresholds and the schedule
+
+    def _build(self, input_shape):
+        self.device_ = get_device(self.device)
         kw = {} if self.variant == 'dac_star' else dict(widths=tuple(self.widths), hidden=self.hidden,
                                                         third_pool=self.third_pool, dropout=self.dropout,
                                                         final_tanh=self.final_tanh)
-        self.net_ = build_st_dac_net(self.variant, X.shape[1], X.shape[2], self.n_clusters, **kw).to(self.device_)
-        self.tau_ = self.augment or (lambda x: x)
+        self.net_ = build_st_dac_net(self.variant, input_shape[0], input_shape[1], self.n_clusters, **kw).to(self.device_)
+        self.tau_ = self.augment or _identity
 
     def _reference(self, xb: torch.Tensor) -> torch.Tensor:
         "Label features of the original images, with batch statistics in BN and no dropout, no gradient."
@@ -242,11 +258,11 @@ class DeepAdaptiveClustering(NeuralClusterer):
         return logs
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
-        "Train on images X (N x C x H x W in [0, 1]); `y` is ignored."
-        X = self._check_fit_input(X, max(self.batch_size, self.n_clusters))
+        "Train on images X (any form `as_images` reads); `y` is ignored."
+        X = self._fit_input(X, self.batch_size)
         seed_everything(self.random_state)
-        self._build(X)
-        return self._train(X, torch.optim.Adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
+        self._build(self.input_shape_)
+        return self._train(X, adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
 
     def predict_proba(self, X) -> np.ndarray:
         "The softmax outputs of the network (before the l2 normalisation)."
@@ -291,6 +307,14 @@ def _class_stats(x: torch.Tensor, y: torch.Tensor, k: int):
     "Per-class mean and standard deviation images (k x C x H x W each)."
     return (torch.stack([x[y == c].mean(0) for c in range(k)]), torch.stack([x[y == c].std(0) for c in range(k)]))
 
+def _half(t: torch.Tensor) -> np.ndarray: return t.half().numpy()
+
+def st_dac_summary(art: dict) -> dict:
+    "What the figures need, all of it small: eight inputs and their ST1 outputs after epoch 1 and at the end, per-class statistics."
+    if not art: return {}
+    return {k: _half(art[k]) for k in ('snap_images', 'snap_epoch1', 'snap_final') if art.get(k) is not None} | {
+        s: {'mean': _half(art[s][0]), 'std': _half(art[s][1])} for s in ('orig_stats', 'st1_stats')}
+
 def st_dac_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
     "Fit on train + test (or a stratified subset of them) and predict the same images."
     x, y = load_dataset(dataset, 'all')
@@ -298,7 +322,7 @@ def st_dac_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device,
     k = len(get_spec(dataset).classes)
     est = DeepAdaptiveClustering(k, variant, augment=st_dac_augmentation(dataset), snapshot_images=x[:8],
                                  device=device, random_state=seed, **{n: cfg[n] for n in ST_DAC_ESTIMATOR_KEYS})
-    curve = lambda epoch, e: {f'eval_{m}': v for m, v in evaluate(y, e.epoch_pred_).items()}   # Figure 6 only
+    def curve(epoch, e): return {f'eval_{m}': v for m, v in evaluate(y, e.epoch_pred_).items()}   # Figure 6 only
     t0 = time.perf_counter()
     est.fit(x, checkpoint=checkpoint, on_epoch=curve)
     fit_s = time.perf_counter() - t0
@@ -309,7 +333,7 @@ def st_dac_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device,
         st_x = est.st1_output(x)
         art = {'snap_images': x[:8].clone(), 'snap_epoch1': est.snapshots_.get('epoch1'), 'snap_final': st_x[:8].clone(),
                'orig_stats': _class_stats(x, y, k), 'st1_stats': _class_stats(st_x, y, k)}
-    return Prediction(est.labels_, y, 'all', history=est.history_, extra=extra, artifacts=art)
+    return Prediction(est.labels_, y, 'all', history=est.history_, extra=extra, summary=st_dac_summary(art), model=est)
 
 # %% ../nbs/10_st_dac.ipynb #c517aea3
 _T3 = 'Table 3, mean of 10 runs'
@@ -333,3 +357,13 @@ ST_DAC_QUOTED = [
 
 ST_DAC = register(Experiment('st_dac', 'ST-DAC: spatial transformers in Deep Adaptive Clustering (Souza & Zanchettin 2019)',
                              tuple(ST_DAC_VARIANTS), ST_DAC_DATASETS, st_dac_config, st_dac_fit_predict, ST_DAC_QUOTED))
+
+def _st_dac_preset(variant: str, dataset: str, protocol: str) -> dict:
+    "Estimator settings of a run (the registry's presets)."
+    cfg = st_dac_config(variant, dataset, protocol)
+    return {'variant': variant, **{k: cfg[k] for k in ST_DAC_ESTIMATOR_KEYS}}
+
+ST_DAC_METHOD = register_method(Method('st_dac', DeepAdaptiveClustering, {
+    'demo': _st_dac_preset('st1', 'digits', 'cpu'), 'cpu': _st_dac_preset('st2', 'mnist', 'cpu'),
+    'paper': _st_dac_preset('st2', 'mnist', 'paper')}, ST_DAC.title, experiment='st_dac'))
+

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .augment import check_image_input
 
 # %% auto #0
 __all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'adam', 'predict_batched', 'KMeansResult',
            'kmeans', 'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'TimeBudgetExhausted',
-           'time_budget', 'RunClock', 'run_clock', 'run_epochs', 'minutes_per_epoch', 'NeuralClusterer']
+           'time_budget', 'RunClock', 'run_clock', 'run_epochs', 'minutes_per_epoch']
 
 # %% ../nbs/80_training_loop.ipynb #d54a7096
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -253,40 +252,3 @@ def minutes_per_epoch(history: list[dict]) -> float | None:
     "Mean wall minutes per epoch over the entries of `history` that carry `epoch_seconds` (None when none do)."
     secs = [h['epoch_seconds'] for h in history if 'epoch_seconds' in h]
     return float(np.mean(secs)) / 60 if secs else None
-
-# %% ../nbs/80_training_loop.ipynb #9cd64b7c
-class NeuralClusterer:
-    "Mixin for the neural clustering estimators: checkpointed epoch loop, input checks, `predict`, `fit_predict`."
-    _sample_kind = 'images'                      # how the error messages name one input
-
-    def _check(self, X) -> torch.Tensor:
-        "Input check: a finite float N x C x H x W batch (subclasses with other inputs override this)."
-        return check_image_input(X)
-
-    def _check_fit_input(self, X, min_samples: int) -> torch.Tensor:
-        X = self._check(X)
-        if len(X) < min_samples: raise ValueError(f'need at least {min_samples} {self._sample_kind}, got {len(X)}')
-        return X
-
-    def _train(self, X, opt, checkpoint: Checkpoint | None = None, on_epoch=None):
-        "Run `self.epochs` epochs of `self._epoch` (resumable), then label the training data."
-        self.snapshots_ = ResumableState()       # what the figures need at chosen epochs; restored with the net
-        self.history_ = run_epochs(self.epochs, lambda e: self._epoch(X, opt, e, on_epoch), checkpoint,
-                                   {'net': self.net_, 'opt': opt, 'snapshots': self.snapshots_})
-        self.labels_ = self.predict(X)
-        return self
-
-    def _check_fitted(self, X) -> torch.Tensor:
-        if not hasattr(self, 'net_'): raise RuntimeError(f'this {type(self).__name__} is not fitted yet: call fit first')
-        X = self._check(X)
-        if tuple(X.shape[1:]) != tuple(self.input_shape_):
-            raise ValueError(f'X has {self._sample_kind} of shape {tuple(X.shape[1:])}, the model was fitted on {tuple(self.input_shape_)}')
-        return X
-
-    def predict(self, X) -> np.ndarray:
-        "Cluster of each sample: the argmax of `predict_proba`."
-        return self.predict_proba(X).argmax(1).astype(np.int64)
-
-    def fit_predict(self, X, y=None, **kw) -> np.ndarray:
-        "fit, then return `labels_`."
-        return self.fit(X, **kw).labels_

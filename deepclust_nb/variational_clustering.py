@@ -14,20 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import check_image_input, compose, random_affine, random_binarize, random_brightness_shift
+from .augment import compose, random_affine, random_binarize, random_brightness_shift
 from .data import get_spec, imbalanced_subset, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register, run_experiment
 from .metrics import cluster_purity, evaluate
-from .train import (Checkpoint, NeuralClusterer, get_device, kmeans, minibatches, predict_batched,
+from .estimator import DeepClusterTransformer, DeepClusterer, Method, as_vectors, register_method
+from .train import (Checkpoint, adam, get_device, kmeans, minibatches, predict_batched,
                                 seed_everything)
 
 # %% auto #0
 __all__ = ['VAR_FLOOR', 'VC_ARCHS', 'VC_DIGITS', 'VC_DATASETS', 'TOY_CONFIG', 'VC_CPU', 'VC_ESTIMATOR_KEYS', 'VC_QUOTED',
-           'VC_TABLE4_RMIN', 'VC_TABLE4_QUOTED', 'VARIATIONAL_CLUSTERING', 'TOY_SETTINGS', 'GaussianHead', 'PriorNet',
-           'MnistDecoder', 'MLPDecoder', 'mnist_trunk', 'Posterior', 'VariationalClusteringNet', 'build_vc_net',
-           'gaussian_kl', 'bernoulli_log_likelihood', 'gaussian_log_likelihood', 'elbo', 'elbo_terms',
+           'VC_TABLE4_RMIN', 'VC_TABLE4_QUOTED', 'VARIATIONAL_CLUSTERING', 'VC_METHOD', 'TOY_SETTINGS', 'GaussianHead',
+           'PriorNet', 'MnistDecoder', 'MLPDecoder', 'mnist_trunk', 'Posterior', 'VariationalClusteringNet',
+           'build_vc_net', 'gaussian_kl', 'bernoulli_log_likelihood', 'gaussian_log_likelihood', 'elbo', 'elbo_terms',
            'w2_diag_gaussians', 'augmentation_loss', 'lambda_aug_at', 'vc_augmentation', 'VariationalClustering',
-           'five_arcs', 'vc_config', 'vc_fit_predict', 'run_toy']
+           'five_arcs', 'vc_config', 'vc_summary', 'vc_fit_predict', 'run_toy']
 
 # %% ../nbs/50_variational_clustering.ipynb #8430bdb6
 VAR_FLOOR = 1e-6
@@ -57,11 +58,15 @@ def _upconv(c_in: int, c_out: int, same: bool) -> nn.ConvTranspose2d:
     "3x3 transposed convolution: stride 2 'same' (doubles the size) or stride 1 'valid' (adds 2 pixels)."
     return nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1) if same else nn.ConvTranspose2d(c_in, c_out, 3)
 
+def _scaled(n: int, width: float) -> int:
+    "A layer's width `n` scaled by `width` (at least 1)."
+    return max(1, int(round(n * width)))
+
 class MnistDecoder(nn.Module):
     "Table IIa's $p_\\theta(x|z)$ for 28x28 images: Bernoulli logits."
     def __init__(self, latent_dim: int = 32, width: float = 1.0, channels: int = 1):
         super().__init__()
-        c = lambda n: max(1, int(round(n * width)))
+        c = partial(_scaled, width=width)
         self.c0 = c(256)
         self.fc = nn.Sequential(nn.Linear(latent_dim, c(512)), nn.ReLU(), nn.Linear(c(512), 9 * self.c0), nn.ReLU())
         plan = [(self.c0, c(128), True), (c(128), c(128), False), (c(128), c(128), False), (c(128), c(64), False),
@@ -85,7 +90,7 @@ class MLPDecoder(nn.Module):
 # %% ../nbs/50_variational_clustering.ipynb #e08e21e1
 def mnist_trunk(channels: int = 1, width: float = 1.0) -> nn.Sequential:
     "Table IIb's convolutional trunk for 28x28 images (ReLU), flattened to 256 x 2 x 2 = 1024 features (x `width`)."
-    c = lambda n: max(1, int(round(n * width)))
+    c = partial(_scaled, width=width)
     plan = [(channels, c(64), 1), (c(64), c(64), 1), (c(64), c(64), 1), (c(64), c(128), 2), (c(128), c(128), 1),
             (c(128), c(128), 1), (c(128), c(256), 2)]
     return nn.Sequential(*[m for a, b, s in plan for m in (nn.Conv2d(a, b, 3, stride=s), nn.ReLU())], nn.Flatten())
@@ -131,8 +136,8 @@ class VariationalClusteringNet(nn.Module):
         mu_p, var_p = self.prior_params()
         z = mu_q + var_q.sqrt() * torch.randn_like(mu_q)                  # B x K x D
         dec = self.decoder(z.reshape(-1, self.latent_dim))                # all B*K decodings in one pass
-        unflat = lambda t: t.reshape(len(x), self.n_clusters, *t.shape[1:])
-        dec = tuple(unflat(t) for t in dec) if isinstance(dec, tuple) else unflat(dec)
+        shape = (len(x), self.n_clusters)
+        dec = tuple(t.reshape(*shape, *t.shape[1:]) for t in dec) if isinstance(dec, tuple) else dec.reshape(*shape, *dec.shape[1:])
         return dict(q=q, mu_q=mu_q, var_q=var_q, mu_p=mu_p, var_p=var_p, z=z, dec=dec)
 
 VC_ARCHS = ('toy', 'mnist', 'mlp')
@@ -216,30 +221,33 @@ def vc_augmentation(dataset: str):
     return compose(partial(random_brightness_shift, delta=0.2), random_binarize)
 
 # %% ../nbs/50_variational_clustering.ipynb #2732b1af
-def _check_vectors(X) -> torch.Tensor:
-    "Toy-data input: a finite float N x D tensor."
-    X = torch.as_tensor(X)
-    if X.ndim != 2: raise ValueError(f'expected vectors N x D, got shape {tuple(X.shape)}')
-    if not X.is_floating_point(): raise ValueError(f'expected floating-point vectors, got dtype {X.dtype}')
-    if not torch.isfinite(X).all(): raise ValueError('the input contains NaN or infinite values')
-    return X.float()
-
-class VariationalClustering(NeuralClusterer):
-    "Prasad et al.'s VAE with a learnt Gaussian-mixture prior, with scikit-learn's fit/predict interface."
-    _sample_kind = 'samples'
+class VariationalClustering(DeepClusterTransformer):
+    "Prasad et al.'s VAE with a learnt Gaussian-mixture prior as a scikit-learn estimator; images (or vectors for `arch='toy'`)."
     def __init__(self, n_clusters: int = 10, arch: str = 'mnist', latent_dim: int | None = None, epochs: int = 100,
                  batch_size: int = 100, lr: float = 1e-3, lambda_recons: float = 0.5, lambda_aug=(0.01, 0.5, 1.0),
-                 aug_milestones=(40, 80), decoder_width: float = 1.0, encoder_width: float = 1.0, kl_warmup_epochs: int = 0, augment=None,
-                 snapshot_epochs=(), snapshot_size: int = 2000,
-                 device=None, random_state: int = 0):
-        if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
-        if arch not in VC_ARCHS: raise ValueError(f'unknown arch {arch!r}; use one of {", ".join(VC_ARCHS)}')
-        if epochs < 1 or batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}')
-        lambda_aug_at(0, aug_milestones, lambda_aug)                       # validates the schedule
-        self.__dict__.update({k: v for k, v in locals().items() if k != 'self'})
+                 aug_milestones=(40, 80), decoder_width: float = 1.0, encoder_width: float = 1.0, kl_warmup_epochs: int = 0,
+                 augment=None, snapshot_epochs=(), snapshot_size: int = 2000, image_shape=None, device=None, random_state: int = 0):
+        self.n_clusters, self.arch, self.latent_dim, self.epochs, self.batch_size = n_clusters, arch, latent_dim, epochs, batch_size
+        self.lr, self.lambda_recons, self.lambda_aug, self.aug_milestones = lr, lambda_recons, lambda_aug, aug_milestones
+        self.decoder_width, self.encoder_width, self.kl_warmup_epochs = decoder_width, encoder_width, kl_warmup_epochs
+        self.augment, self.snapshot_epochs, self.snapshot_size = augment, snapshot_epochs, snapshot_size
+        self.image_shape, self.device, self.random_state = image_shape, device, random_state
 
-    def _check(self, X) -> torch.Tensor:
-        return _check_vectors(X) if self.arch == 'toy' else check_image_input(X)
+    def _check_params(self):
+        super()._check_params()
+        if self.arch not in VC_ARCHS: raise ValueError(f'unknown arch {self.arch!r}; use one of {", ".join(VC_ARCHS)}')
+        if self.epochs < 1 or self.batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}')
+        lambda_aug_at(0, self.aug_milestones, self.lambda_aug)                       # validates the schedule
+
+    def _as_input(self, X, name: str = 'X') -> torch.Tensor:
+        "Images, or for the toy model vectors of any finite values."
+        if self.arch == 'toy': return as_vectors(X, name, unit_range=False)
+        return super()._as_input(X, name)
+
+    def _build(self, input_shape):
+        self.device_ = get_device(self.device)
+        self.net_ = build_vc_net(self.arch, self.n_clusters, input_shape, self.latent_dim, self.decoder_width,
+                                 self.encoder_width).to(self.device_)
 
     def _epoch(self, X, opt, epoch: int, on_epoch) -> dict:
         lam = lambda_aug_at(epoch, self.aug_milestones, self.lambda_aug)
@@ -277,18 +285,16 @@ class VariationalClustering(NeuralClusterer):
                                             'prior_samples': self.sample_latent(500, generator=g)[0].cpu()}
 
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
-        "Train on X (images N x C x H x W in [0, 1], or N x D vectors for `arch='toy'`); `y` is ignored."
-        X = self._check_fit_input(X, max(self.batch_size, self.n_clusters))
+        "Train on X (images in any form `as_images` reads, or N x D vectors for `arch='toy'`); `y` is ignored."
+        X = self._fit_input(X, self.batch_size)
         seed_everything(self.random_state)
-        self.device_, self.input_shape_ = get_device(self.device), tuple(X.shape[1:])
-        self.net_ = build_vc_net(self.arch, self.n_clusters, self.input_shape_, self.latent_dim, self.decoder_width,
-                                 self.encoder_width).to(self.device_)
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, betas=(0.9, 0.999))
-        return self._train(X, opt, checkpoint, on_epoch)
+        self._build(self.input_shape_)
+        return self._train(X, adam(self.net_.parameters(), lr=self.lr, betas=(0.9, 0.999)), checkpoint, on_epoch)
 
     def _posterior(self, X):
         "q(k|x), and the mean and variance of q(z|x,k), for every sample (batched, on the CPU)."
-        return predict_batched(self.net_.posterior, self._check_fitted(X), batch_size=1000, device=self.device_)
+        X = self._check_fitted(X)
+        return predict_batched(self.net_.posterior, X, batch_size=1000, device=self.device_)
 
     def predict_proba(self, X) -> np.ndarray:
         "$q_\\omega(k|x)$ for every sample."
@@ -373,6 +379,24 @@ def vc_config(variant: str, dataset: str, protocol: str) -> dict:
 VC_ESTIMATOR_KEYS = ('arch', 'latent_dim', 'epochs', 'batch_size', 'lr', 'lambda_recons', 'lambda_aug', 'aug_milestones',
                      'decoder_width', 'encoder_width', 'kl_warmup_epochs', 'snapshot_epochs')
 
+def vc_summary(art: dict, n_points: int = 1000, n_prior: int = 100) -> dict:
+    "What the figures need, under 1 MB: toy runs whole; MNIST runs' snapshots subsampled, samples and interpolations in float16."
+    if not art: return {}
+    if 'x' in art:                                   # five_arcs: 10,000 points in 2-D
+        z, lab = art['prior_samples']
+        return {'x': art['x'].half().numpy(), 'y': art['y'].numpy().astype(np.uint8), 'pred': art['pred'].numpy().astype(np.uint8),
+                'posterior_mean': art['posterior_mean'].half().numpy(), 'prior_samples': z.half().numpy(),
+                'prior_labels': lab.numpy().astype(np.uint8)}
+    snaps = {}
+    for ep, s_ in art['snapshots'].items():
+        z = s_['prior_samples']; k = len(z) // 500           # K x 500 samples, cluster by cluster
+        snaps[ep] = {'posterior_mean': s_['posterior_mean'][:n_points].half().numpy(),
+                     'prior_samples': z.reshape(k, 500, -1)[:, :n_prior].reshape(k * n_prior, -1).half().numpy(),
+                     'prior_labels': np.repeat(np.arange(k), n_prior).astype(np.uint8)}
+    return {'test_pred': art['test_pred'].numpy().astype(np.uint8), 'snapshots': snaps,
+            'snapshot_labels': art['snapshot_labels'][:n_points].numpy().astype(np.uint8),
+            **{k: art[k].half().numpy() for k in ('samples', 'z_interp', 'e_interp')}}
+
 def _vc_toy_fit_predict(cfg: dict, seed: int, device, checkpoint) -> Prediction:
     "`five_arcs` (the seed draws the points too): fit on all of them and score them, k-means on the points beside it."
     x, y = five_arcs(cfg['n'], noise=cfg['noise'], seed=seed)
@@ -380,7 +404,7 @@ def _vc_toy_fit_predict(cfg: dict, seed: int, device, checkpoint) -> Prediction:
     est.fit(x, checkpoint=checkpoint)
     art = {'x': x, 'y': y, 'pred': torch.from_numpy(est.labels_), 'posterior_mean': torch.from_numpy(est.transform(x)),
            'prior_samples': est.sample_latent(500, torch.Generator().manual_seed(0))}
-    return Prediction(est.labels_, y, 'all', history=est.history_, artifacts=art,
+    return Prediction(est.labels_, y, 'all', history=est.history_, summary=vc_summary(art), model=est,
                       extra={'kmeans_metrics': evaluate(y, kmeans(x.numpy(), cfg['k'], seed=seed).labels)})
 
 def vc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, checkpoint) -> Prediction:
@@ -408,7 +432,7 @@ def vc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, che
         art = {'test_pred': torch.as_tensor(pred, dtype=torch.int16), 'snapshots': dict(est.snapshots_), 'snapshot_labels': y[:est.snapshot_size].clone(),
                'samples': est.sample(10), 'z_interp': torch.stack([est.interpolate(a, b, 10, 'z') for a, b in ((0, 1), (2, 3), (4, 5))]),
                'e_interp': torch.stack([est.interpolate(a, b, 10, 'e') for a, b in ((0, 1), (2, 3), (4, 5))])}
-    return Prediction(pred, yt, 'test', history=est.history_, extra=extra, artifacts=art)
+    return Prediction(pred, yt, 'test', history=est.history_, extra=extra, summary=vc_summary(art), artifacts=art, model=est)
 
 # %% ../nbs/50_variational_clustering.ipynb #51ce3457
 VC_QUOTED = [
@@ -434,6 +458,16 @@ VC_TABLE4_QUOTED = {'k-means': (47.14, 49.93, 53.65, 54.16, 54.39), 'AE+k-means'
 VARIATIONAL_CLUSTERING = register(Experiment('variational_clustering', 'Variational clustering (Prasad, Das & Bhowmick 2020)',
                                              ('full', 'no_aug'), VC_DATASETS, vc_config, vc_fit_predict, VC_QUOTED,
                                              synthetic=('five_arcs',)))
+
+def _vc_preset(dataset: str, protocol: str) -> dict:
+    "Estimator settings of a run (the registry's presets)."
+    cfg = vc_config('full', dataset, protocol)
+    return {'n_clusters': cfg['k'], **{k: cfg[k] for k in VC_ESTIMATOR_KEYS if k != 'snapshot_epochs'}}
+
+VC_METHOD = register_method(Method('variational_clustering', VariationalClustering, {
+    'demo': _vc_preset('digits', 'cpu'), 'cpu': _vc_preset('mnist', 'cpu'), 'paper': _vc_preset('mnist', 'paper')},
+    VARIATIONAL_CLUSTERING.title, experiment='variational_clustering'))
+
 
 # %% ../nbs/50_variational_clustering.ipynb #53021e7b
 TOY_SETTINGS = {'': {}, 'elbo': dict(lambda_recons=1.0), 'warmup': dict(kl_warmup_epochs=20),

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 import torch.nn.functional as F
 
 from deepclust_nb.adc import (ADC_DIGITS, ADC_WEIGHTS, ADCNet, AssociativeDeepClustering, CifarResNet, VCNN, adc_augmentation,
@@ -103,17 +104,18 @@ def test_configs_and_augmentation():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match='n_clusters'): AssociativeDeepClustering(1)
-    with pytest.raises(ValueError, match='arch'): AssociativeDeepClustering(3, arch='vgg')
-    with pytest.raises(ValueError, match='loss_warmup'): AssociativeDeepClustering(3, steps=10, loss_warmup=10)
+    x8 = torch.rand(200, 1, 8, 8)
+    with pytest.raises(ValueError, match='n_clusters'): AssociativeDeepClustering(1).fit(x8)
+    with pytest.raises(ValueError, match='arch'): AssociativeDeepClustering(3, arch='vgg').fit(x8)
+    with pytest.raises(ValueError, match='loss_warmup'): AssociativeDeepClustering(3, steps=10, loss_warmup=10).fit(x8)
     est = AssociativeDeepClustering(3, steps=2, loss_warmup=1, batch_size=4, widths=(4, 4), emb_dim=8, chunk=1)
-    with pytest.raises(ValueError, match='N x C x H x W'): est.fit(torch.rand(20, 64))
-    with pytest.raises(ValueError, match='float'): est.fit(torch.zeros(20, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='pass image_shape'): est.fit(torch.rand(20, 64))
+    with pytest.raises(ValueError, match='divide by 255'): est.fit(255 * torch.rand(20, 1, 8, 8))
     bad = torch.rand(20, 1, 8, 8); bad[3, 0, 0, 0] = float('nan')
     with pytest.raises(ValueError, match='NaN'): est.fit(bad)
-    with pytest.raises(RuntimeError, match='fit'): est.predict(torch.rand(2, 1, 8, 8))
+    with pytest.raises(NotFittedError, match='fit'): est.predict(torch.rand(2, 1, 8, 8))
     est.fit(torch.rand(20, 1, 8, 8))
-    with pytest.raises(ValueError, match='channels'): est.predict(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r'shape \(3, 8, 8\), the model was fitted on \(1, 8, 8\)'): est.predict(torch.rand(2, 3, 8, 8))
 
 
 def test_short_run_on_digits_beats_kmeans():
@@ -146,7 +148,7 @@ def test_authors_kmeans_init_options(tmp_path):
              w['cls_weight'] * h['cls'] + w['logit_l2'] * h['l2'])
     assert h['total'] == pytest.approx(parts, rel=1e-5)
     assert h['total'] != pytest.approx(parts + 0.8 * w['beta'] * h['aug'], rel=1e-5)
-    with pytest.raises(ValueError, match='aug_weight_after_init'): AssociativeDeepClustering(3, aug_weight_after_init=-1)
+    with pytest.raises(ValueError, match='aug_weight_after_init'): AssociativeDeepClustering(3, aug_weight_after_init=-1).fit(torch.rand(200, 1, 8, 8))
     cfg = adc_config('vcnn', 'mnist', 'paper')
     assert cfg['reset_adam_at_init'] is False and cfg['aug_weight_after_init'] == 1.0
 

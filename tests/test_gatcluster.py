@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 
 from deepclust_nb.data import load_dataset
 from deepclust_nb.experiment import build_config, get_experiment
@@ -32,7 +33,7 @@ def test_bad_attention_sizes_raise():
     for bad in (0, 1, 2.5):
         with pytest.raises(ValueError, match='size'): gaussian_attention_map(mu, d, bad)
         with pytest.raises(ValueError, match='att_size'): GATClusterNet(1, 10, att_size=bad)
-        with pytest.raises(ValueError, match='att_size'): GATCluster(10, att_size=bad)
+        with pytest.raises(ValueError, match='att_size'): GATCluster(10, att_size=bad, M=100).fit(torch.rand(100, 1, 8, 8))
     with pytest.raises(ValueError, match='mu must be'): gaussian_attention_map(torch.rand(2, 3), d, 6)
 
 
@@ -143,13 +144,14 @@ def test_two_step_iteration_on_digits_reduces_the_loss():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match='n_clusters'): GATCluster(1)
-    with pytest.raises(ValueError, match='m2'): GATCluster(10, M=16, m2=32)
+    x8 = torch.rand(100, 1, 8, 8)
+    with pytest.raises(ValueError, match='n_clusters'): GATCluster(1).fit(x8)
+    with pytest.raises(ValueError, match='m2'): GATCluster(10, M=16, m2=32).fit(x8)
     est = GATCluster(10, widths=(4, 4, 4), att_size=2, M=100, epochs=1)
-    with pytest.raises(ValueError, match='N x C x H x W'): est.fit(torch.rand(100, 8, 8))
+    with pytest.raises(ValueError, match='pass image_shape'): est.fit(torch.rand(100, 64))
     with pytest.raises(ValueError, match='NaN'): est.fit(torch.full((100, 1, 8, 8), float('nan')))
     with pytest.raises(ValueError, match='at least'): est.fit(torch.rand(5, 1, 8, 8))
-    with pytest.raises(RuntimeError, match='fit'): est.predict(torch.rand(5, 1, 8, 8))
+    with pytest.raises(NotFittedError, match='fit'): est.predict(torch.rand(5, 1, 8, 8))
     with pytest.raises(ValueError, match='N x k'): entropy_loss(torch.rand(5))
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
 import torch.nn.functional as F
 
 from deepclust_nb.data import load_dataset
@@ -141,14 +142,15 @@ def test_configs_protocols_and_augmentation():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match='n_clusters'): DeepAdaptiveClustering(1)
-    with pytest.raises(ValueError, match='unknown variant'): DeepAdaptiveClustering(10, 'st7')
-    with pytest.raises(ValueError, match='lower <= upper'): DeepAdaptiveClustering(10, lower=0.99, upper=0.9)
+    x8 = torch.rand(50, 1, 8, 8)
+    with pytest.raises(ValueError, match='n_clusters'): DeepAdaptiveClustering(1).fit(x8)
+    with pytest.raises(ValueError, match='unknown variant'): DeepAdaptiveClustering(10, 'st7').fit(x8)
+    with pytest.raises(ValueError, match='lower <= upper'): DeepAdaptiveClustering(10, lower=0.99, upper=0.9).fit(x8)
     est = DeepAdaptiveClustering(10, 'st0', epochs=1, widths=(4, 4, 4), hidden=8)
-    with pytest.raises(ValueError, match='N x C x H x W'): est.fit(torch.rand(50, 8, 8))
+    with pytest.raises(ValueError, match='pass image_shape'): est.fit(torch.rand(50, 64))
     with pytest.raises(ValueError, match='NaN'): est.fit(torch.full((50, 1, 8, 8), float('nan')))
     with pytest.raises(ValueError, match='at least'): est.fit(torch.rand(5, 1, 8, 8))
-    with pytest.raises(RuntimeError, match='fit'): est.predict(torch.rand(5, 1, 8, 8))
+    with pytest.raises(NotFittedError, match='fit'): est.predict(torch.rand(5, 1, 8, 8))
     with pytest.raises(ValueError, match='n_st'): build_st_dac_net('st0').__class__(n_st=4)
     with pytest.raises(ValueError, match='20x20'): build_st_dac_net('dac_star', image_size=8)
 

@@ -96,10 +96,11 @@ def test_lambda_schedule_augmentations_and_toy_data():
 
 
 def test_bad_input_raises_clear_errors():
-    with pytest.raises(ValueError, match='n_clusters'): VariationalClustering(1)
-    with pytest.raises(ValueError, match='unknown arch'): VariationalClustering(arch='resnet')
+    x8 = torch.rand(200, 1, 8, 8)
+    with pytest.raises(ValueError, match='n_clusters'): VariationalClustering(1, arch='mlp').fit(x8)
+    with pytest.raises(ValueError, match='unknown arch'): VariationalClustering(arch='resnet').fit(x8)
     with pytest.raises(ValueError, match='28x28'): build_vc_net('mnist', 10, (1, 32, 32))
-    with pytest.raises(ValueError, match='vectors'): VariationalClustering(5, arch='toy').fit(torch.rand(200, 2, 1))
+    with pytest.raises(ValueError, match='is 1-D'): VariationalClustering(5, arch='toy').fit(torch.rand(200))
     with pytest.raises(ValueError, match='NaN'): VariationalClustering(5, arch='toy').fit(torch.full((200, 2), float('nan')))
     with pytest.raises(ValueError, match='one more value'): lambda_aug_at(0, (40,), (0.1, 0.2, 0.3))
     with pytest.raises(ValueError, match='unknown dataset'): build_config(VARIATIONAL_CLUSTERING, 'full', 'cifar10_jpeg', 'cpu')
@@ -129,7 +130,7 @@ def test_run_toy_refuses_an_unknown_setting_and_records_its_tag(tmp_path):
     with pytest.raises(ValueError, match='unknown toy setting'): run_toy(0, 'nope', results=tmp_path)
     rec = run_toy(1, 'elbo', results=tmp_path, n=300, epochs=1)
     assert (rec['tag'], rec['seed'], rec['config']['lambda_recons'], rec['split']) == ('elbo', 1, 1.0, 'all')
-    assert (tmp_path / 'variational_clustering' / 'full__five_arcs__paper__seed1__elbo.artifacts.pt').exists()
+    assert (tmp_path / 'variational_clustering' / 'full__five_arcs__paper__seed1__elbo.summary.npz').exists()   # what the figure needs
     # it goes through run_experiment: the record has the provenance and the confusion matrix, k-means beside it
     assert rec['commit'] and len(rec['confusion']) == 5 and 0 <= rec['kmeans_metrics']['acc'] <= 1
     assert run_toy(1, 'elbo', results=tmp_path, n=300, epochs=1)['finished_at'] == rec['finished_at']     # read back, not retrained
