@@ -8,21 +8,24 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from .data import CorruptDatasetError, DatasetNotFoundError, data_root, dataset_status, load_images
-from .estimator import METHODS, get_method, load_methods, load_model, make
+from .data import CorruptDatasetError, DatasetNotFoundError, data_root, dataset_status, load_dataset, load_images
+from .estimator import DEMO_WEIGHTS, METHODS, demo_scores, get_method, load_demo, load_methods, load_model, make, save_model
 from .experiment import EXPERIMENTS, get_experiment, paper_table, run_experiment
 from .metrics import evaluate
-from .records import PROTOCOLS
-from .train import TimeBudgetExhausted, time_budget
+from .records import PROTOCOLS, cpu_model, git_commit, library_versions
+from .train import TimeBudgetExhausted, kmeans, time_budget
 
 # %% auto #0
-__all__ = ['EXIT_PAUSED', 'load_papers', 'parse_overrides', 'main']
+__all__ = ['EXIT_PAUSED', 'load_papers', 'parse_overrides', 'run_demo', 'shipped_demo', 'build_demo_weights', 'main']
 
 # %% ../nbs/84_cli.ipynb #2a1a69fa
 def load_papers() -> dict:
@@ -40,6 +43,51 @@ def parse_overrides(pairs: list[str]) -> dict:
         try: out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError): out[k.strip()] = v
     return out
+
+# %% ../nbs/84_cli.ipynb #f719fb53
+def run_demo(name: str, seed: int = 0, preset: str | None = None, n: int | None = None) -> dict:
+    "Fit method `name` on its chapter's demo data (first `n` images if given) and k-means on the pixels; print and return both scores."
+    m = get_method(name)
+    if not m.demo: raise ValueError(f'{name} declares no demo; methods with one: ' + ', '.join(k for k, v in load_methods().items() if v.demo))
+    dataset, split, demo_preset = m.demo
+    x, y = load_dataset(dataset, split)
+    if n: x, y = x[:n], y[:n]
+    t0 = time.perf_counter(); pix = kmeans(x.flatten(1), int(y.max()) + 1, n_init=10, seed=seed).labels; t_km = time.perf_counter() - t0
+    est = make(name, preset or demo_preset, random_state=seed)
+    t0 = time.perf_counter(); est.fit(x); t_fit = time.perf_counter() - t0
+    out = {'kmeans': {**evaluate(y, pix), 'seconds': t_km}, name: {**evaluate(y, est.labels_), 'seconds': t_fit},
+           'data': f'{dataset} ({split}, {len(x):,} images)', 'threads': torch.get_num_threads()}
+    print(f"{out['data']}, seed {seed}, {out['threads']} threads")
+    for k in ('kmeans', name):
+        r = out[k]; print(f"{k + (' on pixels' if k == 'kmeans' else ''):28s} ACC {r['acc']:.3f}  NMI {r['nmi']:.3f}  ARI {r['ari']:.3f}  ({r['seconds']:.0f} s)")
+    return out
+
+# %% ../nbs/84_cli.ipynb #4e5d7e10
+def shipped_demo(name: str) -> dict:
+    "Score the shipped demo model of `name` on the digits, beside k-means on their pixels."
+    x, y = load_dataset('digits', 'all')
+    est = load_demo(name); s = demo_scores()[name]
+    r = evaluate(y, est.predict(x))
+    print(f"shipped {name} (demo preset, digits, seed {s['seed']}): ACC {r['acc']:.3f}  NMI {r['nmi']:.3f}  ARI {r['ari']:.3f}; "
+          f"k-means on pixels ACC {s['kmeans_acc']:.3f}")
+    return r
+
+def build_demo_weights(names=None, out=None, seed: int = 0) -> dict:
+    "Fit each method's `demo` preset on the digits and save it (float16) with `demos.json`; returns the scores."
+    out = Path(out or DEMO_WEIGHTS); out.mkdir(parents=True, exist_ok=True)
+    x, y = load_dataset('digits', 'all')
+    km = evaluate(y, kmeans(x.flatten(1), 10, n_init=10, seed=seed).labels)
+    info = json.loads((out/'demos.json').read_text()) if (out/'demos.json').exists() else {'models': {}}
+    for name in names or [n for n, m in load_methods().items() if 'demo' in m.presets and n != 'kmeans']:
+        t0 = time.perf_counter(); est = make(name, 'demo', random_state=seed).fit(x); secs = time.perf_counter() - t0
+        save_model(est, out/f'{name}.pt', half=True)
+        r = evaluate(y, load_model(out/f'{name}.pt').predict(x))          # the score of the file as shipped (float16)
+        info['models'][name] = {**{k: round(v, 4) for k, v in r.items()}, 'kmeans_acc': round(km['acc'], 4), 'seed': seed,
+                                'fit_seconds': round(secs, 1), 'threads': torch.get_num_threads(), 'cpu': cpu_model(),
+                                'versions': library_versions(), **git_commit(), 'bytes': (out/f'{name}.pt').stat().st_size}
+        print(f"{name:24s} ACC {r['acc']:.3f} (k-means {km['acc']:.3f}), {secs:.0f} s, {(out/f'{name}.pt').stat().st_size / 1e6:.2f} MB")
+        (out/'demos.json').write_text(json.dumps(info, indent=1) + '\n')
+    return info['models']
 
 # %% ../nbs/84_cli.ipynb #fd48d134
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--save', help='write the fitted model to this file (one seed)')
     r.add_argument('--time-budget', type=float, metavar='MINUTES',
                    help='stop before an epoch that would end later, checkpoint, exit 75; the same command resumes')
+    dm = sub.add_parser('demo', help="a chapter's demo: the method's demo preset on its demo data, beside k-means on the pixels")
+    dm.add_argument('method'); dm.add_argument('--seed', type=int, default=0)
+    dm.add_argument('--shipped', action='store_true', help='use the model shipped with the package (digits) instead of training')
+    bk = sub.add_parser('book', help='render the executed notebooks as an HTML book (offline; nothing is re-run)')
+    bk.add_argument('--out', default='_book', help='output folder (default: _book)')
+    dw = sub.add_parser('demo-weights', help="rebuild the shipped demo models: each method's demo preset fitted on the digits")
+    dw.add_argument('methods', nargs='*'); dw.add_argument('--out', help='folder (default: the package\'s demo_weights)')
     q = sub.add_parser('predict', help="cluster a folder of images with a saved model")
     q.add_argument('model'); q.add_argument('--data', required=True); q.add_argument('--out')
     t = sub.add_parser('table', help="the paper's numbers beside ours, from the records")
@@ -149,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd in ('methods', 'papers'): _cmd_methods()
         elif a.cmd == 'run': _cmd_run(a)
         elif a.cmd == 'predict': _cmd_predict(a)
+        elif a.cmd == 'demo': shipped_demo(a.method) if a.shipped else run_demo(a.method, a.seed)
+        elif a.cmd == 'demo-weights': build_demo_weights(a.methods or None, a.out)
+        elif a.cmd == 'book':
+            from deepclust_nb.book import build_book     # Sphinx and nbdev come with the dev extra, not the library
+            print(f'the book is at {build_book(a.out)}')
         elif a.cmd == 'table':
             t = paper_table(a.paper, a.results, protocol=a.protocol)
             print(t.to_string(index=False) if len(t) else f'no records for {a.paper} yet')

@@ -22,9 +22,9 @@ from .train import atomic_save
 
 # %% auto #0
 __all__ = ['DEFAULT_DATA_ROOT', 'DATASETS', 'SPLITS', 'data_root', 'DatasetNotFoundError', 'CorruptDatasetError', 'DatasetSpec',
-           'dataset_names', 'get_spec', 'load_dataset', 'stratified_indices', 'stratified_subset', 'retention_rates',
-           'imbalanced_indices', 'imbalanced_subset', 'to_grayscale', 'show_samples', 'ImageFiles', 'load_images',
-           'dataset_status']
+           'dataset_names', 'get_spec', 'load_dataset', 'dataset_status', 'dataset_available', 'photo_patches',
+           'stratified_indices', 'stratified_subset', 'retention_rates', 'imbalanced_indices', 'imbalanced_subset',
+           'to_grayscale', 'show_samples', 'ImageFiles', 'load_images']
 
 # %% ../nbs/00_data.ipynb #af7834ae
 DEFAULT_DATA_ROOT = Path('~/.cache/deepclust_nb/data').expanduser()
@@ -258,6 +258,44 @@ def load_dataset(name: str,                  # one of `dataset_names()`
     if x.dtype == torch.uint8: x = x.float().div_(255)
     return x, y
 
+# %% ../nbs/00_data.ipynb #74a6197f
+def dataset_status(root: str | os.PathLike | None = None) -> list[dict]:
+    "For each dataset: its name, title, folder under the data root, and whether it is ready to load."
+    root = data_root(root)
+    out = []
+    for spec in DATASETS.values():
+        folder = root/spec.folder
+        cached = all(_cache_path(root, spec.name, s).exists() for s in ('train', 'test'))
+        if spec.name == 'digits': ready = True
+        elif spec.name == 'cifar10_jpeg': ready = (folder/'cifar10-jpeg.zip').exists() or (folder/'train').is_dir()
+        else: ready = all((folder/f).exists() or (folder/(f + '.gz')).exists() for f in spec.files)
+        out.append({'name': spec.name, 'title': spec.title, 'path': str(folder) if spec.folder else '(scikit-learn)',
+                    'available': ready or cached, 'cached': cached, 'note': spec.note})
+    return out
+
+# %% ../nbs/00_data.ipynb #a5bdb471
+def dataset_available(name: str, root: str | os.PathLike | None = None) -> bool:
+    "Whether `name` loads from the data root (or may be downloaded); with `DEEPCLUST_REQUIRE_DATA=1` a missing one raises."
+    spec = get_spec(name)                                    # unknown names raise here, listing the known ones
+    status = {s['name']: s for s in dataset_status(root)}[name]
+    ok = status['available'] or (_want_download(None) and spec.name not in ('cifar10_jpeg',))
+    if not ok and os.environ.get('DEEPCLUST_REQUIRE_DATA') == '1':
+        raise DatasetNotFoundError(_missing_msg(spec, data_root(root)/spec.folder, spec.files or [spec.folder]))
+    return ok
+
+def photo_patches(n: int = 64, size: int = 32, seed: int = 0, zoom: int = 4) -> torch.Tensor:
+    "`n` random colour patches (float N x 3 x size x size in [0, 1]): windows of `zoom * size` pixels of the two photos bundled with scikit-learn, shrunk to `size`."
+    from sklearn.datasets import load_sample_images   # real RGB images every reader has, to check colour code on
+    imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        im = imgs[k % len(imgs)]
+        w = min(size * zoom, *im.shape[1:])
+        i, j = (int(torch.randint(0, s - w + 1, (1,), generator=g)) for s in im.shape[1:])
+        out.append(torch.nn.functional.interpolate(im[None, :, i:i + w, j:j + w], size=(size, size), mode='area')[0])
+    return torch.stack(out).clamp(0, 1)
+
 # %% ../nbs/00_data.ipynb #6f937a72
 def _check_labels(y) -> np.ndarray:
     y = np.asarray(y.cpu() if torch.is_tensor(y) else y)
@@ -369,18 +407,3 @@ def load_images(folder: str | os.PathLike, size=None, grey: bool = True) -> Imag
     x = (x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2)).float().div_(255).contiguous()
     y = torch.tensor([c for _, c in items], dtype=torch.long) if classes else None
     return ImageFiles(x, y, [str(p) for p, _ in items], classes)
-
-# %% ../nbs/00_data.ipynb #74a6197f
-def dataset_status(root: str | os.PathLike | None = None) -> list[dict]:
-    "For each dataset: its name, title, folder under the data root, and whether it is ready to load."
-    root = data_root(root)
-    out = []
-    for spec in DATASETS.values():
-        folder = root/spec.folder
-        cached = all(_cache_path(root, spec.name, s).exists() for s in ('train', 'test'))
-        if spec.name == 'digits': ready = True
-        elif spec.name == 'cifar10_jpeg': ready = (folder/'cifar10-jpeg.zip').exists() or (folder/'train').is_dir()
-        else: ready = all((folder/f).exists() or (folder/(f + '.gz')).exists() for f in spec.files)
-        out.append({'name': spec.name, 'title': spec.title, 'path': str(folder) if spec.folder else '(scikit-learn)',
-                    'available': ready or cached, 'cached': cached, 'note': spec.note})
-    return out

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,9 +22,9 @@ from sklearn.exceptions import NotFittedError
 from .train import ResumableState, atomic_save, run_epochs
 
 # %% auto #0
-__all__ = ['METHODS', 'ENTRY_POINT_GROUP', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'as_images', 'as_vectors', 'DeepClusterer',
-           'DeepClusterTransformer', 'Method', 'register_method', 'load_methods', 'methods', 'get_method', 'make',
-           'save_model', 'load_model']
+__all__ = ['METHODS', 'ENTRY_POINT_GROUP', 'MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'DEMO_WEIGHTS', 'as_images', 'as_vectors',
+           'DeepClusterer', 'DeepClusterTransformer', 'Method', 'register_method', 'load_methods', 'methods',
+           'get_method', 'make', 'save_model', 'load_model', 'demo_scores', 'load_demo']
 
 # %% ../nbs/83_estimators.ipynb #07d01061
 def _from_dataset(ds, name: str) -> torch.Tensor:
@@ -195,6 +197,7 @@ class Method:
     presets: dict = field(default_factory=dict)
     title: str = ''
     experiment: str | None = None          # the records-pipeline experiment that runs it (`deepclust run NAME --dataset ...`)
+    demo: tuple | None = None              # (dataset, split, preset) of its chapter's demo (`deepclust demo NAME`)
 
 METHODS: dict[str, Method] = {}
 ENTRY_POINT_GROUP = 'deepclust_nb.methods'
@@ -266,8 +269,8 @@ def _package_version() -> str:
     from deepclust_nb import __version__
     return __version__
 
-def save_model(est: DeepClusterer, path: str | os.PathLike) -> Path:
-    "Write a fitted `DeepClusterer` to `path` (see `DeepClusterer.save`)."
+def save_model(est: DeepClusterer, path: str | os.PathLike, half: bool = False) -> Path:
+    "Write a fitted `DeepClusterer` to `path` (see `DeepClusterer.save`); `half` stores float weights as float16 (loads as float32)."
     if not all(hasattr(est, m) for m in est._modules): raise NotFittedError(f'this {type(est).__name__} is not fitted yet: call fit first')
     params = est.get_params(deep=False)
     dropped = sorted(k for k, v in params.items() if callable(v))
@@ -275,7 +278,8 @@ def save_model(est: DeepClusterer, path: str | os.PathLike) -> Path:
              'class': f'{type(est).__module__}.{type(est).__qualname__}',
              'params': _to_plain({k: (None if k in dropped else v) for k, v in params.items()}), 'dropped_params': dropped,
              'fitted': _to_plain({a: getattr(est, a) for a in est._fitted if hasattr(est, a)}),
-             'modules': {m: getattr(est, m).state_dict() for m in est._modules}}
+             'modules': {m: {k: (t.half() if half and t.is_floating_point() else t) for k, t in getattr(est, m).state_dict().items()}
+                         for m in est._modules}}
     atomic_save(state, path)
     return Path(path)
 
@@ -309,6 +313,21 @@ def load_model(path: str | os.PathLike, device=None, expect: type | None = None)
     est._build(tuple(fitted['input_shape_']))
     for name, sd in state['modules'].items():
         module = getattr(est, name)
-        module.load_state_dict(sd); module.eval()
+        ref = module.state_dict()      # float16 weights of a shipped model come back in the module's own dtype
+        module.load_state_dict({k: (t.to(ref[k].dtype) if k in ref else t) for k, t in sd.items()}); module.eval()
     for k, v in fitted.items(): setattr(est, k, v)
     return est
+
+# %% ../nbs/83_estimators.ipynb #4757ed42
+DEMO_WEIGHTS = Path(importlib.util.find_spec('deepclust_nb').origin).parent/'demo_weights'   # inside the installed package
+
+def demo_scores() -> dict:
+    "How each shipped demo model was made and how it clusters the digits: `{method: {acc, nmi, ari, kmeans_acc, fit_seconds, ...}}`."
+    f = DEMO_WEIGHTS/'demos.json'
+    return json.loads(f.read_text())['models'] if f.exists() else {}
+
+def load_demo(name: str, device=None) -> DeepClusterer:
+    "The method's `demo` preset fitted on the digits, as shipped with the package."
+    have = demo_scores()
+    if name not in have: raise ValueError(f"no shipped demo model for {name!r}; shipped: {', '.join(sorted(have)) or 'none'}")
+    return load_model(DEMO_WEIGHTS/f'{name}.pt', device=device)

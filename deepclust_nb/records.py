@@ -21,7 +21,7 @@ import torch
 # %% auto #0
 __all__ = ['PROTOCOLS', 'RECORD_FIELDS', 'SCHEMA', 'SCHEMA_FIELDS', 'project_root', 'results_dir', 'git_commit', 'cpu_model',
            'library_versions', 'validate_record', 'make_record', 'run_name', 'record_path', 'write_record',
-           'read_record', 'load_records', 'summarize', 'fmt_mean_std', 'paper_vs_ours']
+           'read_record', 'load_records', 'summarize', 'fmt_mean_std', 'paper_vs_ours', 'results_table']
 
 # %% ../nbs/81_records.ipynb #1a10f4f2
 def project_root(start: str | os.PathLike | None = None) -> Path | None:
@@ -195,3 +195,31 @@ def paper_vs_ours(df: pd.DataFrame, quoted: list[dict], metrics=('acc', 'nmi', '
     order = {d: i for i, d in enumerate(dict.fromkeys([r[keys[0]] for r in rows]))}
     out['_o'] = out[keys[0]].map(order); out['_s'] = (out['source'] != 'ours').astype(int)
     return out.sort_values(['_o', *keys[1:], '_s']).drop(columns=['_o', '_s']).reset_index(drop=True)
+
+# %% ../nbs/81_records.ipynb #6e321dd1
+def _quoted(v) -> str: return '–' if v is None else f'{v:g}'          # as the paper prints it
+
+def _pooled(s: pd.Series) -> str: return fmt_mean_std(s.mean(), s.std(ddof=1), len(s)).replace(f' (n={len(s)})', '')
+
+def results_table(rows: list[dict], paper: str | None = None, results: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The chapter's table: `rows` of `{'row', 'dataset', 'quoted': {'acc', 'nmi', 'ari', 'split', 'source', 'selection'}}`
+    (the paper) or `{'row', 'dataset', 'variant', 'protocol', 'tag', 'budget'}` (ours, every matching record of `paper`,
+    or of the row's own `'paper'`)."""
+    out, frames = [], {}
+    for r in rows:
+        if unknown := set(r) - {'row', 'paper', 'dataset', 'quoted', 'variant', 'protocol', 'tag', 'budget'}:
+            raise KeyError(f"results_table: unknown keys {sorted(unknown)} in row {r.get('row')!r}")
+        if 'quoted' in r:
+            q = r['quoted']
+            out.append({'': r['row'], 'dataset': r['dataset'], 'split': q.get('split', '–'), 'seeds': q.get('seeds', '–'),
+                        **{m.upper(): _quoted(q.get(m)) for m in ('acc', 'nmi', 'ari')},
+                        'budget': r.get('budget', '1'), 'selection': q.get('selection', 'as published'), 'source': q['source']})
+            continue
+        if not (pp := r.get('paper', paper)): raise ValueError(f"results_table: row {r.get('row')!r} names no paper")
+        df = frames[pp] if pp in frames else frames.setdefault(pp, load_records(pp, results))
+        g = df[(df.dataset == r['dataset']) & (df.variant == r['variant']) & (df.protocol == r.get('protocol', 'cpu'))
+               & (df.tag == r.get('tag', ''))]
+        out.append({'': r['row'], 'dataset': r['dataset'], 'split': '/'.join(sorted(set(g.split))) or '–', 'seeds': len(g),
+                    **{m.upper(): _pooled(g[m]) for m in ('acc', 'nmi', 'ari')}, 'budget': r.get('budget', '1'),
+                    'selection': 'final model, every seed', 'source': f"records: {r['variant']}" + (f" ({r['tag']})" if r.get('tag') else '')})
+    return pd.DataFrame(out)

@@ -219,8 +219,10 @@ def run_clock(path: str | os.PathLike):
 # %% ../nbs/80_training_loop.ipynb #bc8d37cf
 def _postfix(logs: dict) -> dict:
     "What a progress bar shows after an epoch: the losses and the largest cluster's share, when the logs have them."
-    keep = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and (k.startswith(('loss', 'l_')) or k == 'largest_cluster')}
-    return {k: f'{v:.3g}' for k, v in list(keep.items())[:4]}
+    num = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: f'{v:.3g}' for k, v in list((k, v) for k, v in num.items() if k.startswith(('loss', 'l_', 'L_')))[:3]}
+    if 'largest_cluster' in num: out['largest'] = f"{num['largest_cluster']:.0%}"     # a collapse shows here first
+    return out
 
 def run_epochs(n_epochs: int, epoch_fn: Callable[[int], dict], checkpoint: Checkpoint | None = None,
                objects: dict | None = None, desc: str = 'epochs') -> list[dict]:

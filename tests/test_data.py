@@ -201,3 +201,22 @@ def test_jpeg_decoder_matches_pil(real_data):
     pil = torch.stack([torch.from_numpy(np.array(Image.open(p).convert('RGB'))).permute(2, 0, 1) for p in paths])
     assert fast.shape == pil.shape == (20, 3, 32, 32) and fast.dtype == torch.uint8
     assert (fast.int() - pil.int()).abs().float().mean() < 1.0
+
+
+def test_dataset_available_and_required(tmp_path, monkeypatch):
+    from deepclust_nb.data import dataset_available
+    monkeypatch.delenv('DEEPCLUST_REQUIRE_DATA', raising=False); monkeypatch.delenv('DEEPCLUST_DOWNLOAD', raising=False)
+    assert dataset_available('digits', root=tmp_path)                 # ships with scikit-learn
+    assert not dataset_available('cifar10_jpeg', root=tmp_path)       # an empty root: absent, no error
+    monkeypatch.setenv('DEEPCLUST_REQUIRE_DATA', '1')
+    with pytest.raises(DatasetNotFoundError, match='cifar10_jpeg|CIFAR'): dataset_available('cifar10_jpeg', root=tmp_path)
+    with pytest.raises(ValueError, match='available datasets'): dataset_available('cifar-10')
+
+
+def test_photo_patches_are_real_colour_images():
+    from deepclust_nb.data import photo_patches
+    p = photo_patches(20, 24, seed=3)
+    assert p.shape == (20, 3, 24, 24) and p.dtype == torch.float32
+    assert 0 <= float(p.min()) and float(p.max()) <= 1
+    assert float((p[:, 0] - p[:, 1]).abs().mean()) > 0.01               # colour, not grey copies
+    assert torch.equal(p, photo_patches(20, 24, seed=3)) and not torch.equal(p, photo_patches(20, 24, seed=4))

@@ -299,3 +299,20 @@ def test_cli_clusters_own_images_saves_and_predicts(tmp_path, capsys):
     new = {Path(r['file']).name: r['cluster'] for r in csv.DictReader(open(tmp_path/'new.csv'))}
     old = {Path(r['file']).name: r['cluster'] for r in rows}
     assert new == {k: old[k] for k in new}                    # the saved model gives the same clusters
+
+
+def test_shipped_demo_models_load_and_predict_as_recorded():
+    "Each method's digits demo ships with the package (float16, <= 5 MB in all) and predicts what was recorded."
+    from deepclust_nb.data import load_dataset
+    from deepclust_nb.estimator import DEMO_WEIGHTS, demo_scores, load_demo, load_methods
+    from deepclust_nb.metrics import cluster_acc
+    scores = demo_scores()
+    wanted = {n for n, m in load_methods().items() if 'demo' in m.presets and n != 'kmeans'}
+    assert wanted <= set(scores), f'no shipped demo model for {sorted(wanted - set(scores))}: run deepclust demo-weights'
+    assert sum((DEMO_WEIGHTS/f'{n}.pt').stat().st_size for n in scores) <= 5_000_000
+    x, y = load_dataset('digits', 'all')
+    for name, s in scores.items():
+        m = load_demo(name)
+        assert abs(cluster_acc(y, m.predict(x)) - s['acc']) < 0.01, name
+        assert all(t.dtype == torch.float32 for t in getattr(m, m._modules[0]).state_dict().values() if t.is_floating_point())
+    with pytest.raises(ValueError, match='no shipped demo model'): load_demo('nothing')

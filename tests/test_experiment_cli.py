@@ -166,3 +166,17 @@ def test_target_table_reads_records_and_judges_targets(tmp_path):
         with pytest.raises(ValueError, match='unknown paper'): target_table([dict(paper='no', variant='a', dataset='b', acc=1)], res)
     finally:
         del EXPERIMENTS['const4']
+
+
+def test_demo_command_runs_a_chapters_demo_path(capsys, real_data):
+    "`deepclust demo` on a small budget: the code path of the chapter's demo (the full demo is a slow notebook cell)."
+    real_data('mnist', 'test')                      # skips where MNIST is absent (fails in CI, which has it)
+    from deepclust_nb.cli import main, run_demo
+    from deepclust_nb.estimator import get_method
+    assert get_method('embedding_space').demo == ('mnist', 'test', 'demo_mnist')
+    r = run_demo('embedding_space', n=300, preset='demo')
+    assert set(r) >= {'kmeans', 'embedding_space'} and 0 < r['embedding_space']['acc'] <= 1 and r['kmeans']['seconds'] >= 0
+    out = capsys.readouterr().out
+    assert 'kmeans on pixels' in out and 'embedding_space' in out
+    assert main(['demo', 'kmeans']) == 2 and 'declares no demo' in capsys.readouterr().err
+    assert main(['demo', 'no_such_method']) == 2

@@ -84,3 +84,15 @@ def test_tagged_runs_get_their_own_rows(tmp_path):
     write_record(rec(seed=0, tag='pre50', metrics={'acc': 0.9, 'nmi': 0.9, 'ari': 0.9}), tmp_path)
     t = paper_vs_ours(load_records('p', tmp_path), []).set_index('variant')
     assert t.loc['v', 'ACC'] == '50.0 ± 0.0 (n=2)' and t.loc['v (pre50)', 'ACC'] == '90.0 (n=1)'
+
+
+def test_results_table_pools_every_seed_and_keeps_quotes(tmp_path):
+    from deepclust_nb.records import results_table, write_record
+    recs = [rec(seed=s, metrics={'acc': a, 'nmi': 0.5, 'ari': 0.4}) for s, a in ((0, 0.9), (1, 0.7), (2, 0.8))]
+    for r in recs: write_record(r, tmp_path)
+    t = results_table([{'row': 'paper', 'dataset': recs[0]['dataset'], 'quoted': {'acc': 97.08, 'split': 'all', 'source': 'Table II', 'selection': 'best epoch (labels)'}},
+                       {'row': 'ours', 'dataset': recs[0]['dataset'], 'variant': recs[0]['variant']}], recs[0]['paper'], tmp_path)
+    assert list(t.seeds) == ['–', 3]
+    assert t.loc[1, 'ACC'] == '80.0 ± 10.0' and t.loc[0, 'ACC'] == '97.08' and t.loc[0, 'selection'] == 'best epoch (labels)'
+    with pytest.raises(KeyError, match='unknown keys'):
+        results_table([{'row': 'x', 'dataset': 'd', 'variants': 'full'}], recs[0]['paper'], tmp_path)

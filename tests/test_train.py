@@ -161,3 +161,11 @@ def test_atomic_save_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError): atomic_save({'x': Boom()}, tmp_path/'sub'/'f.pt')
     assert [p.name for p in (tmp_path/'sub').iterdir()] == ['f.pt']
     assert torch.equal(torch.load(tmp_path/'sub'/'f.pt')['a'], torch.ones(3))
+
+
+def test_progress_postfix_shows_losses_and_largest_cluster(monkeypatch):
+    from deepclust_nb.train import _postfix, progress
+    assert _postfix({'loss': 0.5, 'largest_cluster': 0.91, 'seconds': 3.0}) == {'loss': '0.5', 'largest': '91%'}
+    assert 'largest' in _postfix({'l_a': 1., 'l_b': 2., 'l_c': 3., 'l_d': 4., 'largest_cluster': 0.1})   # never cut off
+    monkeypatch.setenv('DEEPCLUST_PROGRESS', '0')
+    assert progress(range(3)).disable
