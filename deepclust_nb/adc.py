@@ -19,7 +19,7 @@ from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
 from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_method
-from .train import Checkpoint, adam, get_device, kmeans, predict_batched, run_epochs, seed_everything
+from .train import glorot_init_, Checkpoint, adam, get_device, kmeans, predict_batched, run_epochs, seed_everything
 
 # %% auto #0
 __all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'ADC_METHOD',
@@ -91,8 +91,7 @@ class VCNN(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.embed = nn.Linear(c * side * side, emb_dim)
         self.emb_dim = emb_dim
-        for m in self.modules():                 # TensorFlow's (slim) default: Glorot-uniform weights, zero biases
-            if isinstance(m, (nn.Conv2d, nn.Linear)): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+        glorot_init_(self)                       # TensorFlow's (slim) default: Glorot-uniform weights, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.features(x * 2 - 1))

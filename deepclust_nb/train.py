@@ -19,13 +19,14 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 
 # %% auto #0
-__all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'adam', 'predict_batched', 'KMeansResult',
-           'kmeans', 'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint', 'TimeBudgetExhausted',
-           'time_budget', 'RunClock', 'run_clock', 'run_epochs', 'minutes_per_epoch']
+__all__ = ['get_device', 'device_name', 'seed_everything', 'minibatches', 'progress', 'adam', 'glorot_init_', 'predict_batched',
+           'KMeansResult', 'kmeans', 'rng_state', 'set_rng_state', 'ResumableState', 'atomic_save', 'Checkpoint',
+           'TimeBudgetExhausted', 'time_budget', 'RunClock', 'run_clock', 'run_epochs', 'minutes_per_epoch']
 
 # %% ../nbs/80_training_loop.ipynb #d54a7096
 def get_device(device: str | torch.device | None = None) -> torch.device:
@@ -66,6 +67,15 @@ def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight
     try: return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError):   # a device or dtype without a fused kernel: the default implementation
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+# %% ../nbs/80_training_loop.ipynb #5857be19
+def glorot_init_(module: nn.Module) -> nn.Module:
+    "TensorFlow/Keras's default start, in place: Glorot-uniform weights and zero biases for every (transposed) convolution and linear layer."
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+    return module
 
 # %% ../nbs/80_training_loop.ipynb #90aa401a
 @torch.no_grad()

@@ -19,16 +19,17 @@ from .data import get_spec, imbalanced_subset, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register, run_experiment
 from .metrics import cluster_purity, evaluate
 from .estimator import DeepClusterTransformer, DeepClusterer, Method, as_vectors, register_method
-from .train import (Checkpoint, adam, get_device, kmeans, minibatches, predict_batched,
+from .train import (glorot_init_, Checkpoint, adam, get_device, kmeans, minibatches, predict_batched,
                                 seed_everything)
 
 # %% auto #0
-__all__ = ['VAR_FLOOR', 'VC_ARCHS', 'VC_DIGITS', 'VC_DATASETS', 'TOY_CONFIG', 'VC_CPU', 'VC_ESTIMATOR_KEYS', 'VC_QUOTED',
-           'VC_TABLE4_RMIN', 'VC_TABLE4_QUOTED', 'VARIATIONAL_CLUSTERING', 'VC_METHOD', 'TOY_SETTINGS', 'GaussianHead',
-           'PriorNet', 'MnistDecoder', 'MLPDecoder', 'mnist_trunk', 'Posterior', 'VariationalClusteringNet',
-           'build_vc_net', 'gaussian_kl', 'bernoulli_log_likelihood', 'gaussian_log_likelihood', 'elbo', 'elbo_terms',
-           'w2_diag_gaussians', 'augmentation_loss', 'lambda_aug_at', 'vc_augmentation', 'VariationalClustering',
-           'five_arcs', 'vc_config', 'vc_summary', 'vc_fit_predict', 'run_toy']
+__all__ = ['VAR_FLOOR', 'VC_ARCHS', 'VC_INITS', 'VC_DIGITS', 'VC_DATASETS', 'TOY_CONFIG', 'VC_CPU', 'VC_ESTIMATOR_KEYS',
+           'VC_QUOTED', 'VC_TABLE4_RMIN', 'VC_TABLE4_QUOTED', 'VARIATIONAL_CLUSTERING', 'VC_METHOD', 'TOY_SETTINGS',
+           'GaussianHead', 'PriorNet', 'MnistDecoder', 'MLPDecoder', 'mnist_trunk', 'Posterior',
+           'VariationalClusteringNet', 'build_vc_net', 'gaussian_kl', 'bernoulli_log_likelihood',
+           'gaussian_log_likelihood', 'elbo', 'elbo_terms', 'w2_diag_gaussians', 'augmentation_loss', 'lambda_aug_at',
+           'vc_augmentation', 'VariationalClustering', 'five_arcs', 'vc_config', 'vc_summary', 'vc_fit_predict',
+           'run_toy']
 
 # %% ../nbs/50_variational_clustering.ipynb #8430bdb6
 VAR_FLOOR = 1e-6
@@ -142,10 +143,17 @@ class VariationalClusteringNet(nn.Module):
 
 VC_ARCHS = ('toy', 'mnist', 'mlp')
 
+VC_INITS = ('glorot', 'torch')
+
 def build_vc_net(arch: str, n_clusters: int, input_shape, latent_dim: int | None = None,
-                 decoder_width: float = 1.0, encoder_width: float = 1.0) -> VariationalClusteringNet:
-    "Table II's networks (`toy`, `mnist`) or a small fully connected model (`mlp`) for `input_shape` (without batch)."
+                 decoder_width: float = 1.0, encoder_width: float = 1.0, init: str = 'glorot') -> VariationalClusteringNet:
+    "Table II's networks (`toy`, `mnist`) or a small fully connected model (`mlp`) for `input_shape` (without batch), started as TensorFlow does (`init='glorot'`) or as PyTorch does (`'torch'`)."
     if arch not in VC_ARCHS: raise ValueError(f'unknown arch {arch!r}; use one of {", ".join(VC_ARCHS)}')
+    if init not in VC_INITS: raise ValueError(f'unknown init {init!r}; use one of {", ".join(VC_INITS)}')
+    net = _build_vc_net(arch, n_clusters, tuple(input_shape), latent_dim, decoder_width, encoder_width)
+    return glorot_init_(net) if init == 'glorot' else net
+
+def _build_vc_net(arch, n_clusters, input_shape, latent_dim, decoder_width, encoder_width) -> VariationalClusteringNet:
     if not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2: raise ValueError(f'n_clusters must be an integer >= 2, got {n_clusters!r}')
     input_shape = tuple(input_shape)
     if arch == 'toy':
@@ -225,17 +233,18 @@ class VariationalClustering(DeepClusterTransformer):
     "Prasad et al.'s VAE with a learnt Gaussian-mixture prior as a scikit-learn estimator; images (or vectors for `arch='toy'`)."
     def __init__(self, n_clusters: int = 10, arch: str = 'mnist', latent_dim: int | None = None, epochs: int = 100,
                  batch_size: int = 100, lr: float = 1e-3, lambda_recons: float = 0.5, lambda_aug=(0.01, 0.5, 1.0),
-                 aug_milestones=(40, 80), decoder_width: float = 1.0, encoder_width: float = 1.0, kl_warmup_epochs: int = 0,
+                 aug_milestones=(40, 80), decoder_width: float = 1.0, encoder_width: float = 1.0, kl_warmup_epochs: int = 0, init: str = 'glorot',
                  augment=None, snapshot_epochs=(), snapshot_size: int = 2000, image_shape=None, device=None, random_state: int = 0):
         self.n_clusters, self.arch, self.latent_dim, self.epochs, self.batch_size = n_clusters, arch, latent_dim, epochs, batch_size
         self.lr, self.lambda_recons, self.lambda_aug, self.aug_milestones = lr, lambda_recons, lambda_aug, aug_milestones
-        self.decoder_width, self.encoder_width, self.kl_warmup_epochs = decoder_width, encoder_width, kl_warmup_epochs
+        self.decoder_width, self.encoder_width, self.kl_warmup_epochs, self.init = decoder_width, encoder_width, kl_warmup_epochs, init
         self.augment, self.snapshot_epochs, self.snapshot_size = augment, snapshot_epochs, snapshot_size
         self.image_shape, self.device, self.random_state = image_shape, device, random_state
 
     def _check_params(self):
         super()._check_params()
         if self.arch not in VC_ARCHS: raise ValueError(f'unknown arch {self.arch!r}; use one of {", ".join(VC_ARCHS)}')
+        if self.init not in VC_INITS: raise ValueError(f'unknown init {self.init!r}; use one of {", ".join(VC_INITS)}')
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}')
         lambda_aug_at(0, self.aug_milestones, self.lambda_aug)                       # validates the schedule
 
@@ -247,7 +256,7 @@ class VariationalClustering(DeepClusterTransformer):
     def _build(self, input_shape):
         self.device_ = get_device(self.device)
         self.net_ = build_vc_net(self.arch, self.n_clusters, input_shape, self.latent_dim, self.decoder_width,
-                                 self.encoder_width).to(self.device_)
+                                 self.encoder_width, self.init).to(self.device_)
 
     def _epoch(self, X, opt, epoch: int, on_epoch) -> dict:
         lam = lambda_aug_at(epoch, self.aug_milestones, self.lambda_aug)
@@ -355,21 +364,21 @@ def five_arcs(n: int = 10_000, n_arcs: int = 5, noise: float = 0.05, radius: flo
     return x[perm].float(), y[perm].long()
 
 # %% ../nbs/50_variational_clustering.ipynb #715830da
-VC_DIGITS = dict(arch='mlp', epochs=60, aug_milestones=(24, 48))
+VC_DIGITS = dict(arch='mlp', epochs=60, aug_milestones=(24, 48), init='torch')
 
 # %% ../nbs/50_variational_clustering.ipynb #7fb782d8
 VC_DATASETS = ('mnist', 'fashion_mnist', 'digits', 'five_arcs')
 
-TOY_CONFIG = dict(k=5, arch='toy', epochs=100, batch_size=100, lr=1e-3, lambda_recons=0.5, kl_warmup_epochs=0,
+TOY_CONFIG = dict(k=5, arch='toy', epochs=100, batch_size=100, lr=1e-3, lambda_recons=0.5, kl_warmup_epochs=0, init='torch',
                   n=10_000, noise=0.05, lambda_aug=(0.0, 0.0, 0.0), snapshot_epochs=())
 
-VC_CPU = dict(arch='mlp', epochs=30, aug_milestones=(12, 24))
+VC_CPU = dict(arch='mlp', epochs=30, aug_milestones=(12, 24), init='torch')
 
 def vc_config(variant: str, dataset: str, protocol: str) -> dict:
     "Settings of a run: the paper's (Section IV, Table II) for `paper`, with `VC_CPU` replacing some for `cpu`."
     cfg = dict(k=10, arch='mnist', latent_dim=None, epochs=100, batch_size=100, lr=1e-3, lambda_recons=0.5,
                lambda_aug=(0.01, 0.5, 1.0) if variant == 'full' else (0.0, 0.0, 0.0), aug_milestones=(40, 80),
-               decoder_width=1.0, encoder_width=1.0, kl_warmup_epochs=0, subset=None, r_min=None, snapshot_epochs=(1, 10, 50, 100),
+               decoder_width=1.0, encoder_width=1.0, kl_warmup_epochs=0, init='glorot', subset=None, r_min=None, snapshot_epochs=(1, 10, 50, 100),
                save_artifacts=True)
     if dataset == 'five_arcs': cfg.update(TOY_CONFIG)          # the same under both protocols: it is cheap
     elif dataset == 'digits': cfg.update(VC_DIGITS, snapshot_epochs=(1, 30, 60))
@@ -377,7 +386,7 @@ def vc_config(variant: str, dataset: str, protocol: str) -> dict:
     return cfg
 
 VC_ESTIMATOR_KEYS = ('arch', 'latent_dim', 'epochs', 'batch_size', 'lr', 'lambda_recons', 'lambda_aug', 'aug_milestones',
-                     'decoder_width', 'encoder_width', 'kl_warmup_epochs', 'snapshot_epochs')
+                     'decoder_width', 'encoder_width', 'kl_warmup_epochs', 'init', 'snapshot_epochs')
 
 def vc_summary(art: dict, n_points: int = 1000, n_prior: int = 100) -> dict:
     "What the figures need, under 1 MB: toy runs whole; MNIST runs' snapshots subsampled, samples and interpolations in float16."

@@ -142,3 +142,22 @@ def test_five_arcs_is_a_generated_dataset_of_the_experiment():
     cfg = build_config(VARIATIONAL_CLUSTERING, 'full', 'five_arcs', 'cpu', {'lambda_recons': 1.0})
     assert (cfg['arch'], cfg['k'], cfg['n'], cfg['lambda_recons'], cfg['lambda_aug']) == ('toy', 5, 10_000, 1.0, (0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match='unknown dataset'): build_config(VARIATIONAL_CLUSTERING, 'full', 'four_arcs', 'cpu')
+
+
+def test_table2_network_starts_as_tensorflow_does(real_data):
+    "Glorot-uniform + zero bias (the Keras default) spreads q(k|x)'s logits across images far more than PyTorch's start."
+    from deepclust_nb.variational_clustering import VC_INITS, build_vc_net
+    x = real_data('mnist', 'test')[0][:500]
+    spread, used = {}, {}
+    for init in VC_INITS:
+        torch.manual_seed(0)
+        net = build_vc_net('mnist', 10, (1, 28, 28), init=init)
+        with torch.no_grad(): logits = net.posterior.k_head(net.posterior.k_trunk(x))
+        spread[init], used[init] = logits.std(0).mean().item(), logits.argmax(1).unique().numel()
+    assert spread['glorot'] > 5 * spread['torch'] and used['glorot'] > used['torch']
+    lin = net.posterior.k_head
+    torch.manual_seed(0); g = build_vc_net('mnist', 10, (1, 28, 28), init='glorot')
+    assert g.posterior.k_head.bias.abs().sum() == 0 and lin.bias.abs().sum() > 0
+    with pytest.raises(ValueError, match='unknown init'): build_vc_net('mnist', 10, (1, 28, 28), init='he')
+    from deepclust_nb import make
+    assert make('variational_clustering', 'paper').init == 'glorot' and make('variational_clustering', 'demo').init == 'torch'
