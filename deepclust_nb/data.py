@@ -278,7 +278,7 @@ def dataset_available(name: str, root: str | os.PathLike | None = None) -> bool:
     "Whether `name` loads from the data root (or may be downloaded); with `DEEPCLUST_REQUIRE_DATA=1` a missing one raises."
     spec = get_spec(name)                                    # unknown names raise here, listing the known ones
     status = {s['name']: s for s in dataset_status(root)}[name]
-    ok = status['available'] or (_want_download(None) and spec.name not in ('cifar10_jpeg',))
+    ok = status['available'] or (_want_download(None) and spec.name != 'cifar10_jpeg')   # the JPEG copy has no download
     if not ok and os.environ.get('DEEPCLUST_REQUIRE_DATA') == '1':
         raise DatasetNotFoundError(_missing_msg(spec, data_root(root)/spec.folder, spec.files or [spec.folder]))
     return ok

@@ -216,7 +216,8 @@ def results_table(rows: list[dict], paper: str | None = None, results: str | os.
                         'budget': r.get('budget', '1'), 'selection': q.get('selection', 'as published'), 'source': q['source']})
             continue
         if not (pp := r.get('paper', paper)): raise ValueError(f"results_table: row {r.get('row')!r} names no paper")
-        df = frames[pp] if pp in frames else frames.setdefault(pp, load_records(pp, results))
+        if pp not in frames: frames[pp] = load_records(pp, results)     # each paper's records read once
+        df = frames[pp]
         g = df[(df.dataset == r['dataset']) & (df.variant == r['variant']) & (df.protocol == r.get('protocol', 'cpu'))
                & (df.tag == r.get('tag', ''))]
         out.append({'': r['row'], 'dataset': r['dataset'], 'split': '/'.join(sorted(set(g.split))) or '–', 'seeds': len(g),
