@@ -5,6 +5,7 @@
 # %% ../nbs/40_adc.ipynb #ddb2e490
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 
@@ -22,10 +23,11 @@ from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_m
 from .train import glorot_init_, Checkpoint, adam, get_device, kmeans, predict_batched, run_epochs, seed_everything
 
 # %% auto #0
-__all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED', 'ADC', 'ADC_METHOD',
-           'association_probs', 'walker_target', 'walker_loss', 'visit_loss', 'association_loss', 'norm_loss',
-           'pairwise_logit_crossentropy', 'trafo_loss', 'VCNN', 'BasicBlock', 'CifarResNet', 'ADCNet', 'adc_losses',
-           'adc_augmentation', 'adc_lr', 'AssociativeDeepClustering', 'adc_config', 'adc_summary', 'adc_fit_predict',
+__all__ = ['ADC_WEIGHTS', 'ADC_DATASETS', 'ADC_CPU', 'ADC_DIGITS', 'ADC_CODE', 'ADC_RECIPE', 'ADC_ESTIMATOR_KEYS', 'ADC_QUOTED',
+           'ADC', 'ADC_METHOD', 'association_probs', 'walker_target', 'walker_loss', 'visit_loss', 'association_loss',
+           'norm_loss', 'emb_l1_loss', 'weight_decay_loss', 'pairwise_logit_crossentropy', 'trafo_loss', 'VCNN',
+           'BasicBlock', 'CifarResNet', 'ADCNet', 'adc_losses', 'adc_augmentation', 'adc_lr',
+           'AssociativeDeepClustering', 'adc_config', 'adc_authors_code', 'adc_summary', 'adc_fit_predict',
            'ablation_weights']
 
 # %% ../nbs/40_adc.ipynb #2f0acfe9
@@ -58,10 +60,20 @@ def association_loss(a: torch.Tensor, labels_a: torch.Tensor, b: torch.Tensor, v
     return walker_loss(p_aba, labels_a) + visit_weight * visit_loss(p_ab)
 
 # %% ../nbs/40_adc.ipynb #fabd5782
-def norm_loss(*embeddings: torch.Tensor) -> torch.Tensor:
-    "Mean of (||e|| - 1)^2 over all rows of all given embedding matrices (L_norm)."
-    e = torch.cat(embeddings)
-    return (e.norm(dim=1) - 1).pow(2).mean()
+def norm_loss(*embeddings: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:
+    "(||e|| - 1)^2 over all rows of all given embedding matrices (L_norm): their mean, or their sum (the authors' code)."
+    if reduction not in ('mean', 'sum'): raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    sq = (torch.cat(embeddings).norm(dim=1) - 1).pow(2)
+    return sq.mean() if reduction == 'mean' else sq.sum()
+
+def emb_l1_loss(*embeddings: torch.Tensor) -> torch.Tensor:
+    "Sum of |e| over every entry of the given embedding matrices (the authors' `add_emb_regularization`)."
+    return sum(e.abs().sum() for e in embeddings)
+
+def weight_decay_loss(module: nn.Module) -> torch.Tensor:
+    "sum(w^2) / 2 over the weights (not biases) of every convolution and linear layer: TensorFlow's l2_loss, as slim's l2_regularizer uses it."
+    ws = [m.weight for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(w.pow(2).sum() for w in ws) / 2
 
 def pairwise_logit_crossentropy(o: torch.Tensor, o_t: torch.Tensor) -> torch.Tensor:
     "CE[i, j] = -sum_c softmax(o_i)_c log softmax(o_t_j)_c for every pair of rows."
@@ -78,8 +90,9 @@ def _conv_elu(cin: int, cout: int) -> list:
 class VCNN(nn.Module):
     "The learning-by-association CNN: [2 x conv(w) -> maxpool] for w in widths, then a dense embedding layer."
     def __init__(self, in_channels: int = 1, image_size: int = 28, emb_dim: int = 128, widths=(32, 64, 128),
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, emb_activation: str = 'linear'):
         super().__init__()
+        if emb_activation not in ('linear', 'elu'): raise ValueError(f"emb_activation must be 'linear' or 'elu', got {emb_activation!r}")
         layers, c = [], in_channels
         for i, w in enumerate(widths):
             layers += _conv_elu(c, w) + _conv_elu(w, w) + [nn.MaxPool2d(2)]
@@ -90,11 +103,12 @@ class VCNN(nn.Module):
         if side < 1: raise ValueError(f'images of size {image_size} are too small for {len(widths)} pooling layers')
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.embed = nn.Linear(c * side * side, emb_dim)
+        self.act = nn.ELU() if emb_activation == 'elu' else nn.Identity()   # slim's arg_scope gives the code's fc1 an ELU too
         self.emb_dim = emb_dim
         glorot_init_(self)                       # TensorFlow's (slim) default: Glorot-uniform weights, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.features(x * 2 - 1))
+        return self.act(self.embed(self.features(x * 2 - 1)))
 
 # %% ../nbs/40_adc.ipynb #5621d8b0
 class BasicBlock(nn.Module):
@@ -142,7 +156,8 @@ ADC_WEIGHTS = dict(alpha=1.0, beta=0.9, gamma=1e-5, delta=2e-5, cls_weight=1.0, 
 
 def adc_losses(net: ADCNet, x: torch.Tensor, x_aug: torch.Tensor, visit_weight: float = 0.3, warmup: bool = False,
                alpha: float = 1.0, beta: float = 0.9, gamma: float = 1e-5, delta: float = 2e-5,
-               cls_weight: float = 1.0, logit_l2: float = 1e-4) -> dict:
+               cls_weight: float = 1.0, logit_l2: float = 1e-4, norm_reduction: str = 'mean', l1_weight: float = 0.0,
+               weight_decay: float = 0.0) -> dict:
     "Every loss term of Eq. 5-8 (plus the centroid classification and W's L2) for images `x` and `x_aug` (n_aug copies, stacked)."
     n = len(x)
     if len(x_aug) % n: raise ValueError(f'x_aug must hold whole copies of the batch: {len(x_aug)} rows for a batch of {n}')
@@ -150,18 +165,21 @@ def adc_losses(net: ADCNet, x: torch.Tensor, x_aug: torch.Tensor, visit_weight: 
     z, z_aug = emb[:n], emb[n:]
     source = torch.arange(n, device=x.device).repeat(len(x_aug) // n)      # surrogate label: the image a copy comes from
     out = {'aug': association_loss(z_aug, source, z, visit_weight)}
+    regs = 0.0                                   # the authors' code: L1 on the embeddings, weight decay on the network
+    if l1_weight: out['l1'] = emb_l1_loss(z, z_aug, *([] if warmup else [net.centroids])); regs = regs + l1_weight * out['l1']
+    if weight_decay: out['wd'] = weight_decay_loss(net.backbone); regs = regs + weight_decay * out['wd']
     if warmup:                                   # the centroids are not initialised yet: they stay out of every term
-        out['norm'] = norm_loss(z, z_aug)
-        out['total'] = beta * out['aug'] + gamma * out['norm']
+        out['norm'] = norm_loss(z, z_aug, reduction=norm_reduction)
+        out['total'] = beta * out['aug'] + gamma * out['norm'] + regs
         return out
     o, o_aug = net.logits(z), net.logits(z_aug[:n])
-    out['norm'] = norm_loss(z, z_aug, net.centroids)
+    out['norm'] = norm_loss(z, z_aug, net.centroids, reduction=norm_reduction)
     out['c'] = association_loss(net.centroids, net.centroid_labels, z, visit_weight)
     out['cls'] = F.cross_entropy(net.logits(net.centroids), net.centroid_labels)
     out['trafo'] = trafo_loss(z, z_aug[:n], o, o_aug)
     out['l2'] = net.classifier.weight.pow(2).sum() / 2
     out['total'] = (alpha * out['c'] + beta * out['aug'] + gamma * out['norm'] + delta * out['trafo'] +
-                    cls_weight * out['cls'] + logit_l2 * out['l2'])
+                    cls_weight * out['cls'] + logit_l2 * out['l2'] + regs)
     with torch.no_grad():   # label-free diagnostics: do W's clusters agree with the nearest centroid? is one cluster taking over?
         pred = o.argmax(1)
         out['agreement'] = (pred == net.centroid_labels[(z @ net.centroids.T).argmax(1)]).float().mean()
@@ -169,10 +187,19 @@ def adc_losses(net: ADCNet, x: torch.Tensor, x_aug: torch.Tensor, visit_weight: 
     return out
 
 # %% ../nbs/40_adc.ipynb #cf24ab43
-def adc_augmentation(dataset: str):
-    "The batch transformation tau for `dataset` (digits: no flips; colour images: saturation and hue too)."
+def _brightness_noise_clip(x: torch.Tensor, delta: float, std: float) -> torch.Tensor:
+    "One brightness offset U(-delta, delta) per image and N(0, std^2) per pixel, then one clip to [0, 1] (the code clips once, at the end)."
+    return (x + (torch.rand(len(x), 1, 1, 1, device=x.device) * 2 - 1) * delta + torch.randn_like(x) * std).clamp(0, 1)
+
+def adc_augmentation(dataset: str, code: bool = False):
+    "The batch transformation tau for `dataset` (digits: no flips; colour images: saturation and hue too); `code`: the authors' MNIST pipeline."
     spec = get_spec(dataset)
     digits = dataset in ('mnist', 'usps', 'digits')
+    if code:                                     # augment.py with tools/mnist.py's parameters, on images in [0, 1]:
+        if not digits: raise ValueError(f"the authors' code augmentation here is their MNIST one; {dataset!r} is not a digit set")
+        return compose(partial(random_affine, degrees=15, fill=0.5),     # L32-43 rotation +-15; the border is 0 in their [-1, 1] scale
+                       partial(random_resized_crop, scale=(0.64, 1.0), mode='nearest'),   # L46-61 crop <= 20 % per side, nearest resize
+                       partial(_brightness_noise_clip, delta=0.25, std=0.025))           # L69-83 brightness 0.5, noise 0.05 in [-1, 1]
     steps = [partial(random_resized_crop, scale=(0.64, 1.0)), partial(random_affine, degrees=15)]
     if not digits: steps.append(random_hflip)
     steps.append(partial(color_jitter, brightness=0.4, saturation=0.4, hue=0.1) if spec.shape[0] == 3 else
@@ -181,8 +208,14 @@ def adc_augmentation(dataset: str):
     return compose(*steps)
 
 # %% ../nbs/40_adc.ipynb #feb3f6d6
-def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 10000, decay: float = 3.0) -> float:
-    "Learning rate at `step`: linear warm-up to `lr` over `warmup` steps, divided by `decay` every `decay_every` steps."
+def adc_lr(step: int, lr: float = 8e-4, warmup: int = 2000, decay_every: int = 10000, decay: float = 3.0,
+           schedule: str = 'linear') -> float:
+    "Learning rate at `step`: linear warm-up to `lr` over `warmup` steps, divided by `decay` every `decay_every` steps ('code': the authors' script)."
+    if schedule == 'code':   # train_unsup2.py L371: 1e-6 + logistic envelope (backend.py L201-233); L420-421: x0.33 after steps 5000, 10000, ...
+        if step <= 0: return 1e-6
+        peak = lr * 0.33 ** ((step - 1) // decay_every)
+        return 1e-6 + min(peak * (math.tanh(5 / warmup * (step - warmup / 2)) + 1) / 2, peak)
+    if schedule != 'linear': raise ValueError(f"schedule must be 'linear' or 'code', got {schedule!r}")
     scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return lr * scale / decay ** (step // decay_every)
 
@@ -195,7 +228,9 @@ class AssociativeDeepClustering(DeepClusterTransformer):
                  lr_decay_every: int = 10000, betas=(0.8, 0.9), visit_weight: float = 0.3, alpha: float = 1.0,
                  beta: float = 0.9, gamma: float = 1e-5, delta: float = 2e-5, cls_weight: float = 1.0,
                  logit_l2: float = 1e-4, kmeans_samples: int | None = None, reset_adam_at_init: bool = False,
-                 aug_weight_after_init: float = 1.0, chunk: int = 100, image_shape=None, device=None, random_state: int = 0):
+                 aug_weight_after_init: float = 1.0, chunk: int = 100, norm_reduction: str = 'mean', l1_weight: float = 0.0,
+                 weight_decay: float = 0.0, emb_activation: str = 'linear', lr_schedule: str = 'linear',
+                 image_shape=None, device=None, random_state: int = 0):
         self.n_clusters, self.arch, self.widths, self.emb_dim, self.resnet_blocks = n_clusters, arch, widths, emb_dim, resnet_blocks
         self.dropout, self.centroids_per_cluster, self.steps, self.loss_warmup = dropout, centroids_per_cluster, steps, loss_warmup
         self.batch_size, self.n_aug, self.augment, self.lr, self.lr_warmup = batch_size, n_aug, augment, lr, lr_warmup
@@ -203,6 +238,8 @@ class AssociativeDeepClustering(DeepClusterTransformer):
         self.gamma, self.delta, self.cls_weight, self.logit_l2 = gamma, delta, cls_weight, logit_l2
         self.kmeans_samples, self.reset_adam_at_init, self.aug_weight_after_init = kmeans_samples, reset_adam_at_init, aug_weight_after_init
         self.chunk, self.image_shape, self.device, self.random_state = chunk, image_shape, device, random_state
+        self.norm_reduction, self.l1_weight, self.weight_decay = norm_reduction, l1_weight, weight_decay
+        self.emb_activation, self.lr_schedule = emb_activation, lr_schedule
 
     def _check_params(self):
         super()._check_params()
@@ -210,11 +247,17 @@ class AssociativeDeepClustering(DeepClusterTransformer):
         if not 0 <= self.loss_warmup < self.steps: raise ValueError(f'need 0 <= loss_warmup < steps, got {self.loss_warmup} and {self.steps}')
         if self.n_aug < 1: raise ValueError(f'n_aug must be >= 1, got {self.n_aug}')
         if not self.aug_weight_after_init >= 0: raise ValueError(f'aug_weight_after_init must be >= 0, got {self.aug_weight_after_init}')
+        if self.norm_reduction not in ('mean', 'sum'): raise ValueError(f"norm_reduction must be 'mean' or 'sum', got {self.norm_reduction!r}")
+        if self.lr_schedule not in ('linear', 'code'): raise ValueError(f"lr_schedule must be 'linear' or 'code', got {self.lr_schedule!r}")
+        if self.emb_activation not in ('linear', 'elu'): raise ValueError(f"emb_activation must be 'linear' or 'elu', got {self.emb_activation!r}")
+        if self.arch == 'resnet' and self.emb_activation != 'linear': raise ValueError('emb_activation is an option of the VCNN')
+        if not (self.l1_weight >= 0 and self.weight_decay >= 0):
+            raise ValueError(f'l1_weight and weight_decay must be >= 0, got {self.l1_weight} and {self.weight_decay}')
 
     def _build(self, input_shape):
         self.device_ = get_device(self.device)
         C, H = input_shape[0], input_shape[1]
-        bb = (VCNN(C, H, self.emb_dim, self.widths or (32, 64, 128), self.dropout) if self.arch == 'vcnn' else
+        bb = (VCNN(C, H, self.emb_dim, self.widths or (32, 64, 128), self.dropout, self.emb_activation) if self.arch == 'vcnn' else
               CifarResNet(C, self.resnet_blocks, self.widths or (16, 32, 64)))
         self.net_ = ADCNet(bb, self.n_clusters, self.centroids_per_cluster).to(self.device_)
         self.tau_ = self.augment or compose(partial(random_resized_crop, scale=(0.64, 1.0)), partial(random_affine, degrees=15),
@@ -232,14 +275,14 @@ class AssociativeDeepClustering(DeepClusterTransformer):
     def _chunk(self, X, opt, chunk_idx: int) -> dict:
         logs, t0 = {}, time.perf_counter()
         first, last = chunk_idx * self.chunk, min((chunk_idx + 1) * self.chunk, self.steps)
-        w = {k: getattr(self, k) for k in ADC_WEIGHTS}
+        w = {k: getattr(self, k) for k in (*ADC_WEIGHTS, 'norm_reduction', 'l1_weight', 'weight_decay')}
         w_after = {**w, 'beta': w['beta'] * self.aug_weight_after_init}   # the authors' code: 0.2 after the k-means init
         for step in range(first, last):
             if step == self.loss_warmup:
                 self._init_centroids(X, torch.Generator().manual_seed(self.random_state + step))
                 if self.reset_adam_at_init: opt.state.clear()             # the authors' code: Adam starts afresh
             self.net_.train()
-            for g in opt.param_groups: g['lr'] = adc_lr(step, self.lr, self.lr_warmup, self.lr_decay_every)
+            for g in opt.param_groups: g['lr'] = adc_lr(step, self.lr, self.lr_warmup, self.lr_decay_every, schedule=self.lr_schedule)
             idx = torch.randint(len(X), (self.batch_size,))
             xb = X[idx].to(self.device_)
             xa = self.tau_(xb.repeat(self.n_aug, 1, 1, 1))
@@ -292,7 +335,8 @@ def adc_config(variant: str, dataset: str, protocol: str) -> dict:
                dropout=0.0, centroids_per_cluster=1, steps=200_000, loss_warmup=1000 if mnist else 5000,
                batch_size=100 if variant == 'vcnn' else 128, n_aug=4, lr=8e-4, lr_warmup=2000, lr_decay_every=10_000,
                betas=(0.8, 0.9), visit_weight=0.8 if mnist else 0.3, **ADC_WEIGHTS, kmeans_samples=None,
-               reset_adam_at_init=False, aug_weight_after_init=1.0, subset=None, chunk=100, save_artifacts=True)
+               reset_adam_at_init=False, aug_weight_after_init=1.0, norm_reduction='mean', l1_weight=0.0, weight_decay=0.0,
+               emb_activation='linear', lr_schedule='linear', code_augment=False, subset=None, chunk=100, save_artifacts=True)
     if dataset == 'digits':   # 8x8 images, 1,437 of them: a small net and a short run in any protocol
         cfg.update(ADC_DIGITS)
     elif protocol == 'cpu':
@@ -300,11 +344,45 @@ def adc_config(variant: str, dataset: str, protocol: str) -> dict:
         if variant == 'resnet': cfg.update(widths=None, steps=1500, lr_decay_every=500)   # ~1.1 s per step on 2 cores
     return cfg
 
+# %% ../nbs/40_adc.ipynb #253a983a
+ADC_CODE = 'jplapp/associative_deep_clustering'   # semisup/train_unsup2.py (T), backend.py (B), architectures.py (A), augment.py
+ADC_RECIPE = 'jplapp/associative_clustering@09eaa1b semisup/train_unsup2.py L15-16'   # "99% on MNIST in 10000 steps"
+
+def adc_authors_code(variant: str, dataset: str) -> dict:
+    "The `authors_code` preset: the recipe's flags (`--l1_weight 0 --warmup_steps 2000 --reg_warmup_steps 1000 --visit_weight_base 1 --learning_rate 0.001 --init_with_kmeans`), the code's defaults for the rest."
+    if variant != 'vcnn' or dataset not in ('mnist', 'fashion_mnist', 'usps', 'digits'):
+        raise ValueError(f"authors_code is the code's MNIST recipe (VCNN on digit-like images), not {variant!r} on {dataset!r}")
+    return dict(
+        steps=10_000,                 # the recipe: "99% on MNIST in 10000 steps"
+        batch_size=100, n_aug=3,      # T L35 unsup_batch_size 100; T L74 num_augmented_samples 3
+        widths=(32, 64, 128), emb_dim=128, dropout=0.2,   # A L825-846 mnist_model_dropout (T L89); T L71 emb_size 128; T L84 keep 0.8
+        emb_activation='elu',         # A L820-823 slim arg_scope: every conv and fc, the embedding fc1 too, has an ELU
+        weight_decay=1e-3,            # A L792, L823 l2_regularizer(1e-3) on the net's weights (sum w^2 / 2)
+        centroids_per_cluster=4,      # T L32 virtual_embeddings_per_class 4
+        lr=1e-3, lr_warmup=2000,      # recipe --learning_rate 0.001 --warmup_steps 2000
+        lr_schedule='code', lr_decay_every=5000,   # T L371 1e-6 + logistic envelope; T L45-46, L420-421 x0.33 every 5000 steps
+        betas=(0.8, 0.9),             # T L59-60
+        loss_warmup=1001,             # recipe --reg_warmup_steps 1000: T L348 steps 0-1000 train the augmentation association only;
+                                      # k-means after step 1000 (T L388), so step 1001 is the first with every loss (our index)
+        kmeans_samples=None,          # T L390 k-means on the embeddings of all training images
+        reset_adam_at_init=True,      # T L405 model.reset_optimizer
+        aug_weight_after_init=0.2,    # T L53, L407-408 reg walker and visit weights x0.2
+        visit_weight=1.0,             # recipe --visit_weight_base 1; T L52 rvisit_weight 1 (one visit weight serves both)
+        alpha=1.0, beta=1.0,          # T L55-56, L66-67 walker weights 1 and association weights 1
+        gamma=2e-4, norm_reduction='sum',   # T L63, L301-302; B L582-586: 2e-4 * sum over rows of (||e|| - 1)^2
+        l1_weight=0.0,                # recipe --l1_weight 0 (T L62 default 2e-4; B L236-251 sums |e|)
+        delta=0.0,                    # T L57 trafo_weight 0
+        cls_weight=0.5,               # T L64 logit_weight 0.5 (B L534-543 CE of the centroids' logits)
+        logit_l2=1e-4,                # B L353-362 logit_fc l2_regularizer(1e-4)
+        code_augment=True,            # augment.py L18-84 with tools/mnist.py L88-93
+    )
+
 # %% ../nbs/40_adc.ipynb #494b9a38
 ADC_ESTIMATOR_KEYS = ('arch', 'widths', 'emb_dim', 'resnet_blocks', 'dropout', 'centroids_per_cluster', 'steps',
                       'loss_warmup', 'batch_size', 'n_aug', 'lr', 'lr_warmup', 'lr_decay_every', 'betas', 'visit_weight',
                       'alpha', 'beta', 'gamma', 'delta', 'cls_weight', 'logit_l2', 'kmeans_samples', 'reset_adam_at_init',
-                      'aug_weight_after_init', 'chunk')
+                      'aug_weight_after_init', 'chunk', 'norm_reduction', 'l1_weight', 'weight_decay', 'emb_activation',
+                      'lr_schedule')
 
 def adc_summary(art: dict) -> dict:
     "What the figures need: the test images' cluster probabilities (float16; 10,000 x 10 is 200 kB)."
@@ -315,7 +393,8 @@ def adc_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device, ch
     x_tr, y_tr = load_dataset(dataset, 'train')
     if cfg['subset']: x_tr, y_tr = stratified_subset(x_tr, y_tr, cfg['subset'], seed=seed)
     x_te, y_te = load_dataset(dataset, 'test')
-    est = AssociativeDeepClustering(len(get_spec(dataset).classes), augment=adc_augmentation(dataset), device=device,
+    aug = adc_augmentation(dataset, code=cfg.get('code_augment', False))
+    est = AssociativeDeepClustering(len(get_spec(dataset).classes), augment=aug, device=device,
                                     random_state=seed, **{k: cfg[k] for k in ADC_ESTIMATOR_KEYS})
     t0 = time.perf_counter()
     est.fit(x_tr, checkpoint=checkpoint)
@@ -342,7 +421,7 @@ ADC_QUOTED = [
 ]
 
 ADC = register(Experiment('adc', 'Associative Deep Clustering (Haeusser et al. 2018)', ('vcnn', 'resnet'),
-                          ADC_DATASETS, adc_config, adc_fit_predict, ADC_QUOTED))
+                          ADC_DATASETS, adc_config, adc_fit_predict, ADC_QUOTED, presets={'authors_code': adc_authors_code}))
 
 def _adc_preset(dataset: str, protocol: str) -> dict:
     "Estimator settings of a run (the registry's presets)."
@@ -350,7 +429,9 @@ def _adc_preset(dataset: str, protocol: str) -> dict:
     return {k: cfg[k] for k in ADC_ESTIMATOR_KEYS}
 
 ADC_METHOD = register_method(Method('adc', AssociativeDeepClustering, {
-    'demo': _adc_preset('digits', 'cpu'), 'cpu': _adc_preset('mnist', 'cpu'), 'paper': _adc_preset('mnist', 'paper')},
+    'demo': _adc_preset('digits', 'cpu'), 'cpu': _adc_preset('mnist', 'cpu'), 'paper': _adc_preset('mnist', 'paper'),
+    'authors_code': {**_adc_preset('mnist', 'paper'),
+                     **{k: v for k, v in adc_authors_code('vcnn', 'mnist').items() if k in ADC_ESTIMATOR_KEYS}}},
     ADC.title, experiment='adc'))
 
 # %% ../nbs/40_adc.ipynb #8013384e

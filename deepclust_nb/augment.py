@@ -36,10 +36,12 @@ def _range(v, name: str, centre: float = 0.0) -> tuple[float, float]:
     return float(lo), float(hi)
 
 # %% ../nbs/02_augment.ipynb #7832f9f5
-def warp_affine(x: torch.Tensor, A: torch.Tensor, fill: float = 0.0, mode: str = 'bilinear') -> torch.Tensor:
-    "Warp each image `x[i]` by the forward affine map `A[i]` (N x 3 x 3, normalised coordinates)."
+def warp_affine(x: torch.Tensor, A: torch.Tensor, fill: float = 0.0, mode: str = 'bilinear', padding: str = 'constant') -> torch.Tensor:
+    "Warp each image `x[i]` by the forward affine map `A[i]` (N x 3 x 3, normalised coordinates); outside the image: `fill`, or the nearest edge pixel with `padding='border'` (Keras' fill_mode='nearest')."
+    if padding not in ('constant', 'border'): raise ValueError(f"padding must be 'constant' or 'border', got {padding!r}")
     theta = torch.linalg.inv(A)[:, :2]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if padding == 'border': return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
     out = F.grid_sample(x - fill, grid, mode=mode, padding_mode='zeros', align_corners=False)
     return out + fill
 
@@ -59,14 +61,14 @@ def random_affine(x: torch.Tensor,
                   translate=0.0,         # shift: ± this fraction of the size, per axis
                   scale=(1.0, 1.0),      # zoom factor range
                   shear=0.0,             # x-shear: ± degrees, or a (lo, hi) range
-                  fill: float = 0.0, mode: str = 'bilinear') -> torch.Tensor:
+                  fill: float = 0.0, mode: str = 'bilinear', padding: str = 'constant') -> torch.Tensor:
     "A random affine transform per image (rotation, translation, scale, shear) in one batched warp."
     x = _check_images(x); n = len(x)
     angle = _uniform(n, *_range(degrees, 'degrees'), x)
     shift = torch.stack([_uniform(n, *_range(translate, 'translate'), x) for _ in range(2)], 1)
     zoom = _uniform(n, *_range(scale, 'scale', centre=1.0), x)
     sh = _uniform(n, *_range(shear, 'shear'), x)
-    return warp_affine(x, affine_matrices(n, angle, shift, zoom, sh), fill=fill, mode=mode)
+    return warp_affine(x, affine_matrices(n, angle, shift, zoom, sh), fill=fill, mode=mode, padding=padding)
 
 # %% ../nbs/02_augment.ipynb #aa66326d
 def random_resized_crop(x: torch.Tensor, scale=(0.8, 1.0), ratio=(1.0, 1.0), mode: str = 'bilinear') -> torch.Tensor:

@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument('--data', help='a folder of images (class sub-folders, or flat): cluster your own images')
     r.add_argument('--variant', help='default: the only variant, when there is one')
     r.add_argument('--protocol', default='cpu', choices=PROTOCOLS)
-    r.add_argument('--preset', default='demo', help="with --data: the method's preset (deepclust methods lists them)")
+    r.add_argument('--preset', help="a named setting: with --dataset the paper's (e.g. authors_code; the tag by default), with --data the method's (default: demo)")
     r.add_argument('--size', type=int, nargs='+', help='with --data: resize images to SIZE (or H W)')
     r.add_argument('--color', action='store_true', help='with --data: keep colour (default: grey)')
     r.add_argument('--out', help='with --data: the CSV of clusters (default: <folder>_<method>.csv)')
@@ -151,7 +151,7 @@ def _cmd_run_folder(a) -> None:
     data = load_images(a.data, size=size, grey=not a.color)
     overrides = parse_overrides(a.set)
     if a.epochs is not None: overrides['epochs'] = a.epochs
-    est = make(a.method, a.preset, **overrides)
+    est = make(a.method, a.preset or 'demo', **overrides)
     if 'random_state' in est.get_params(): est.set_params(random_state=a.seed[0])
     if a.device and 'device' in est.get_params(): est.set_params(device=a.device)
     labels = np.asarray(est.fit_predict(data.x))
@@ -170,7 +170,7 @@ def _cmd_run(a) -> None:
         for seed in a.seed:
             rec = run_experiment(exp.paper, variant, a.dataset, a.protocol, seed, device=a.device, results=a.results,
                                  tag=a.tag, skip_existing=a.skip_existing, save_model=a.save if seed == a.seed[0] else None,
-                                 **overrides)
+                                 preset=a.preset, **overrides)
             m = rec['metrics']
             print(f"{exp.paper} {variant} {a.dataset} {a.protocol} seed {seed} [{rec['split']}]: ACC {m['acc']:.4f} "
                   f"NMI {m['nmi']:.4f} ARI {m['ari']:.4f} ({rec['wall_seconds']:.1f} s, {rec['device']})")

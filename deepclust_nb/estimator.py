@@ -152,8 +152,12 @@ class DeepClusterer(ClusterMixin, BaseEstimator):
         self.snapshots_ = ResumableState()       # what the figures need at chosen epochs; restored with the net
         self.history_ = run_epochs(self.epochs, self._epoch_fn(X, opt, on_epoch), checkpoint,
                                    {'net': self.net_, 'opt': opt, 'snapshots': self.snapshots_})
-        self.labels_ = self.predict(X)
+        self.labels_ = self._training_labels(X)
         return self
+
+    def _training_labels(self, X) -> np.ndarray:
+        "The clusters of the training data `X` as `_train` received it (a subclass that prepares its input overrides this)."
+        return self.predict(X)
 
     def _epoch_fn(self, X, opt, on_epoch):
         def epoch(e): return self._epoch(X, opt, e, on_epoch)

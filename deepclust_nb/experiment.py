@@ -52,6 +52,7 @@ class Experiment:
     fit_predict: Callable[..., Prediction]       # (config, variant=, dataset=, seed=, device=, checkpoint=) -> Prediction
     quoted: list[dict] = field(default_factory=list)  # the paper's numbers: dataset, variant, acc/nmi/ari (%), split, source
     synthetic: tuple[str, ...] = ()              # datasets `fit_predict` generates itself (no files, not in `dataset_names()`)
+    presets: dict = field(default_factory=dict)  # named settings: name -> (variant, dataset) -> the settings it changes
 
 EXPERIMENTS: dict[str, Experiment] = {}
 
@@ -147,9 +148,13 @@ def config_drift(stored: dict, requested: dict) -> dict:
 
 def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu', seed: int = 0, device=None,
                    results: str | Path | None = None, tag: str = '', skip_existing: bool = False,
-                   keep_checkpoint: bool = False, save_model: str | Path | None = None, **overrides) -> dict:
-    "Train and evaluate one run and write its record (`skip_existing`: return the stored record if there is one; `save_model`: a path for the fitted model)."
+                   keep_checkpoint: bool = False, save_model: str | Path | None = None, preset: str | None = None,
+                   **overrides) -> dict:
+    "Train and evaluate one run and write its record (`skip_existing`: return the stored record if there is one; `save_model`: a path for the fitted model; `preset`: a named setting of the paper, the tag by default)."
     exp = get_experiment(paper)
+    if preset is not None:
+        if preset not in exp.presets: raise ValueError(f"{paper} has no preset {preset!r}; presets: {', '.join(exp.presets) or 'none'}")
+        overrides, tag = {**exp.presets[preset](variant, dataset), **overrides}, tag or preset
     cfg = build_config(exp, variant, dataset, protocol, overrides)
     name = run_name(variant, dataset, protocol, seed, tag)
     out = results_dir(results)/paper/f'{name}.json'
@@ -171,7 +176,7 @@ def run_experiment(paper: str, variant: str, dataset: str, protocol: str = 'cpu'
     rec = make_record(paper, variant, dataset, pred.split, protocol, seed, evaluate(y_true, y_pred), cfg,
                       device_name(device), clock.parts, tag=tag, n_samples=len(y_true), resumed=resumed,
                       n_clusters_found=int(len(np.unique(y_pred))), confusion=mapped_confusion(y_true, y_pred),
-                      history=pred.history, **pred.extra)
+                      history=pred.history, **({'preset': preset} if preset else {}), **pred.extra)
     rec.update(provenance)
     if pred.summary:
         try: rec['summary'] = save_summary(pred.summary, out.with_name(f'{name}.summary.npz')).name

@@ -18,13 +18,14 @@ from .data import get_spec, load_dataset, stratified_subset
 from .experiment import Experiment, Prediction, register
 from .metrics import evaluate
 from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_method
-from .train import Checkpoint, adam, get_device, minutes_per_epoch, minibatches, predict_batched, seed_everything
+from .train import Checkpoint, adam, get_device, glorot_init_, minutes_per_epoch, minibatches, predict_batched, seed_everything
 
 # %% auto #0
-__all__ = ['DAC_SCHEDULES', 'ST_DAC_VARIANTS', 'ST_DAC_DIGITS', 'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_ESTIMATOR_KEYS',
-           'ST_DAC_QUOTED', 'ST_DAC', 'ST_DAC_METHOD', 'label_features', 'dac_pair_targets', 'dac_pair_loss',
-           'dac_thresholds', 'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet',
-           'build_st_dac_net', 'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_summary',
+__all__ = ['DAC_SCHEDULES', 'ST_SAMPLERS', 'ST_DAC_BN', 'ST_DAC_INITS', 'ST_DAC_VARIANTS', 'SELF_LABEL_TARGETS', 'ST_DAC_DIGITS',
+           'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_CODE', 'ST_DAC_ESTIMATOR_KEYS', 'ST_DAC_QUOTED', 'ST_DAC',
+           'ST_DAC_METHOD', 'label_features', 'dac_pair_targets', 'dac_pair_loss', 'self_label_loss', 'dac_thresholds',
+           'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet', 'build_st_dac_net',
+           'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_authors_code', 'st_dac_summary',
            'st_dac_fit_predict']
 
 # %% ../nbs/10_st_dac.ipynb #064802b7
@@ -53,6 +54,12 @@ def dac_pair_loss(f: torch.Tensor, upper: float, lower: float, reference: torch.
     n_sel = v.sum()
     loss = (v * bce).sum() / n_sel.clamp_min(1)
     return loss, {'selected': (n_sel / v.numel()).item(), 'positive': (r * v).sum().item() / v.numel()}
+
+# %% ../nbs/10_st_dac.ipynb #bc60af57
+def self_label_loss(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    "Binary cross-entropy of softmax outputs `p` (N x k) against label features `target`, no gradient to the target, mean over all entries."
+    if p.shape != target.shape: raise ValueError(f'p and target must have the same shape, got {tuple(p.shape)} and {tuple(target.shape)}')
+    return F.binary_cross_entropy(p.clamp(eps, 1 - eps), target.detach())
 
 # %% ../nbs/10_st_dac.ipynb #8ffe751c
 DAC_SCHEDULES = ('linear', 'dac', 'code', 'balanced')
@@ -99,50 +106,73 @@ class LocalisationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.head(self.features(x)).view(-1, 2, 3)
 
+ST_SAMPLERS = ('torch', 'seya')
+
 class SpatialTransformer(nn.Module):
     "An ST layer: theta = loc(U), then bilinear sampling of U on the affine grid of theta (same output size)."
-    def __init__(self, in_channels: int, size: int, final_tanh: bool = True):
+    def __init__(self, in_channels: int, size: int, final_tanh: bool = True, sampler: str = 'torch'):
         super().__init__()
-        self.loc = LocalisationNet(in_channels, size, final_tanh=final_tanh)
+        if sampler not in ST_SAMPLERS: raise ValueError(f'unknown sampler {sampler!r}; use one of {ST_SAMPLERS}')
+        self.loc, self.sampler = LocalisationNet(in_channels, size, final_tanh=final_tanh), sampler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta = self.loc(x)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        if self.sampler == 'torch':
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        # 'seya', the ST layer the authors' code imports: the output grid is linspace(-1, 1) per axis, and a source
+        # coordinate s in [-1, 1] is read at pixel (s + 1) * W / 2 (not (W - 1) / 2), so even theta = I shrinks the
+        # image by (W - 1) / W; outside the pixel centres it reads 0. grid_sample with align_corners=True reads pixel
+        # (g + 1) * (W - 1) / 2, so g = (s + 1) * W / (W - 1) - 1 gives the same reading point.
+        h, w = x.shape[-2:]
+        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+        grid = (grid + 1) * grid.new_tensor([w / (w - 1), h / (h - 1)]) - 1
+        return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
 
 # %% ../nbs/10_st_dac.ipynb #125079c5
-def _conv_bn_relu(ci: int, co: int, k: int = 3, padding: int = 0) -> list:
+def _conv_bn_relu(ci: int, co: int, k: int = 3, padding: int = 0, batch_stats: bool = False) -> list:
     "Conv (k x k), batch norm and ReLU: the unit of the DAC family's CNNs."
-    return [nn.Conv2d(ci, co, k, padding=padding), nn.BatchNorm2d(co), nn.ReLU()]
+    return [nn.Conv2d(ci, co, k, padding=padding), nn.BatchNorm2d(co, track_running_stats=not batch_stats), nn.ReLU()]
 
-def _pool_bn(c: int) -> list:
+def _pool_bn(c: int, batch_stats: bool = False) -> list:
     "2x2 max pooling followed by batch norm, as in Table 1."
-    return [nn.MaxPool2d(2), nn.BatchNorm2d(c)]
+    return [nn.MaxPool2d(2), nn.BatchNorm2d(c, track_running_stats=not batch_stats)]
+
+ST_DAC_BN = ('running', 'batch')    # BN at inference: running averages (PyTorch's eval), or the batch's own statistics (Keras 1, mode=2)
+ST_DAC_INITS = ('torch', 'keras')   # dense layers and localisation convolutions: PyTorch's start, or Keras 1's glorot_uniform
 
 class STDACNet(nn.Module):
     "Table 1's VGG-style CNN with 0-3 spatial transformer layers (after the input, block 2 and block 3); outputs softmax."
     def __init__(self, in_channels: int = 1, image_size: int = 28, n_clusters: int = 10, n_st: int = 0,
                  widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0,
-                 final_tanh: bool = True):
+                 final_tanh: bool = True, bn: str = 'running', init: str = 'torch', st_sampler: str = 'torch'):
         super().__init__()
         if not 0 <= n_st <= 3: raise ValueError(f'n_st must be 0, 1, 2 or 3, got {n_st}')
         if n_clusters < 2: raise ValueError(f'n_clusters must be >= 2, got {n_clusters}')
+        if bn not in ST_DAC_BN: raise ValueError(f'unknown bn {bn!r}; use one of {ST_DAC_BN}')
+        if init not in ST_DAC_INITS: raise ValueError(f'unknown init {init!r}; use one of {ST_DAC_INITS}')
         w1, w2, w3 = widths
-        s1, s2 = image_size, image_size // 2
+        s1, s2, b = image_size, image_size // 2, bn == 'batch'
+        st = partial(SpatialTransformer, final_tanh=final_tanh, sampler=st_sampler)
         self.n_st = n_st
-        self.st1 = SpatialTransformer(in_channels, s1, final_tanh) if n_st >= 1 else nn.Identity()
-        self.block1 = nn.Sequential(*_conv_bn_relu(in_channels, w1, 3, 1), *_pool_bn(w1))
-        self.block2 = nn.Sequential(*_conv_bn_relu(w1, w2, 3, 1))
-        self.st2 = SpatialTransformer(w2, s2, final_tanh) if n_st >= 2 else nn.Identity()
-        self.block3 = nn.Sequential(*_pool_bn(w2), *_conv_bn_relu(w2, w3, 3, 1))
-        self.st3 = SpatialTransformer(w3, s2 // 2, final_tanh) if n_st >= 3 else nn.Identity()
-        self.pool3 = nn.Sequential(*_pool_bn(w3)) if third_pool else nn.Identity()
+        self.st1 = st(in_channels, s1) if n_st >= 1 else nn.Identity()
+        self.block1 = nn.Sequential(*_conv_bn_relu(in_channels, w1, 3, 1, b), *_pool_bn(w1, b))
+        self.block2 = nn.Sequential(*_conv_bn_relu(w1, w2, 3, 1, b))
+        self.st2 = st(w2, s2) if n_st >= 2 else nn.Identity()
+        self.block3 = nn.Sequential(*_pool_bn(w2, b), *_conv_bn_relu(w2, w3, 3, 1, b))
+        self.st3 = st(w3, s2 // 2) if n_st >= 3 else nn.Identity()
+        self.pool3 = nn.Sequential(*_pool_bn(w3, b)) if third_pool else nn.Identity()
         n_flat = self._trunk(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
-        self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(hidden, n_clusters), nn.BatchNorm1d(n_clusters), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(n_flat, hidden), nn.BatchNorm1d(hidden, track_running_stats=not b), nn.ReLU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, n_clusters),
+                                  nn.BatchNorm1d(n_clusters, track_running_stats=not b), nn.ReLU())
+        sts = [s for s in (self.st1, self.st2, self.st3) if isinstance(s, SpatialTransformer)]
         for m in self.modules():    # He-normal convolutions, as in the authors' code; the ST layers keep their identity start
-            if isinstance(m, nn.Conv2d) and not any(m is c for st in (self.st1, self.st2, self.st3) for c in st.modules()):
+            if isinstance(m, nn.Conv2d) and not any(m is c for s in sts for c in s.modules()):
                 nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)
+        if init == 'keras':         # Keras 1's default for Dense and Convolution2D: glorot_uniform, zero bias (not the ST's last layer)
+            for m in [*self.head, *(c for s in sts for c in [*s.loc.features, s.loc.head[0]])]:
+                if isinstance(m, (nn.Linear, nn.Conv2d)): glorot_init_(m)
 
     def _trunk(self, x):
         x = self.block2(self.block1(self.st1(x)))
@@ -181,43 +211,62 @@ def build_st_dac_net(variant: str, in_channels: int = 1, image_size: int = 28, n
 # %% ../nbs/10_st_dac.ipynb #6489b82e
 def _rescale(x: torch.Tensor, factor: float) -> torch.Tensor: return x * factor
 
-def st_dac_augmentation(dataset: str):
-    "The authors' augmentation for `dataset` (MNIST settings for digit sets, Fashion-MNIST's for the rest)."
+def st_dac_augmentation(dataset: str, keras: bool = False):
+    "The authors' augmentation for `dataset` (MNIST settings for digit sets, Fashion-MNIST's for the rest); `keras`: warp as Keras does."
     get_spec(dataset)
+    # Keras' ImageDataGenerator warps with order-0 (nearest-pixel) interpolation and fill_mode='nearest' (the edge pixel)
+    warp = dict(mode='nearest', padding='border') if keras else {}
     if dataset in ('mnist', 'usps', 'digits'):
-        return compose(partial(random_affine, degrees=10, translate=0.1, scale=(0.95, 1.05)),
+        return compose(partial(random_affine, degrees=10, translate=0.1, scale=(0.95, 1.05), **warp),
                        partial(random_channel_shift, intensity=0.05), partial(_rescale, factor=0.975))
-    return compose(partial(random_affine, degrees=20, translate=0.18, scale=(0.85, 1.15)), random_hflip,
+    return compose(partial(random_affine, degrees=20, translate=0.18, scale=(0.85, 1.15), **warp), random_hflip,
                    partial(random_channel_shift, intensity=0.1), partial(_rescale, factor=0.95))
 
 # %% ../nbs/10_st_dac.ipynb #c727691c
 def _identity(x): return x
 
+SELF_LABEL_TARGETS = ('augmented', 'clean')
+
 class DeepAdaptiveClustering(DeepClusterTransformer):
     "DAC* / ST-DAC (Souza & Zanchettin 2019) as a scikit-learn estimator; images in any form `as_images` reads."
+    _fitted = DeepClusterTransformer._fitted + ('offset_',)
+
     def __init__(self, n_clusters: int = 10, variant: str = 'st2', epochs: int = 10, batch_size: int = 32,
                  lr: float = 1e-4, lower: float = 0.9, upper: float = 0.99, schedule: str = 'linear',
                  widths=(64, 128, 256), hidden: int = 3096, third_pool: bool = True, dropout: float = 0.0,
                  self_label_weight: float = 0.0, pair_labels: str = 'clean', final_tanh: bool = True, augment=None,
+                 self_label_target: str = 'augmented', chunk: int | None = None, center: bool = False, bn: str = 'running',
+                 init: str = 'torch', st_sampler: str = 'torch', predict_batch_size: int = 1024,
                  snapshot_images=None, snapshot_epochs=(1,), image_shape=None, device=None, random_state: int = 0):
         self.n_clusters, self.variant, self.epochs, self.batch_size, self.lr = n_clusters, variant, epochs, batch_size, lr
         self.lower, self.upper, self.schedule, self.widths, self.hidden = lower, upper, schedule, widths, hidden
         self.third_pool, self.dropout, self.self_label_weight, self.pair_labels = third_pool, dropout, self_label_weight, pair_labels
-        self.final_tanh, self.augment, self.snapshot_images, self.snapshot_epochs = final_tanh, augment, snapshot_images, snapshot_epochs
+        self.final_tanh, self.augment, self.self_label_target, self.chunk = final_tanh, augment, self_label_target, chunk
+        self.center, self.bn, self.init, self.st_sampler, self.predict_batch_size = center, bn, init, st_sampler, predict_batch_size
+        self.snapshot_images, self.snapshot_epochs = snapshot_images, snapshot_epochs
         self.image_shape, self.device, self.random_state = image_shape, device, random_state
 
     def _check_params(self):
         super()._check_params()
         if self.variant not in ST_DAC_VARIANTS: raise ValueError(f'unknown variant {self.variant!r}; use one of {", ".join(ST_DAC_VARIANTS)}')
         if self.pair_labels not in ('clean', 'augmented'): raise ValueError(f"pair_labels must be 'clean' or 'augmented', got {self.pair_labels!r}")
+        if self.self_label_target not in SELF_LABEL_TARGETS:
+            raise ValueError(f'self_label_target must be one of {SELF_LABEL_TARGETS}, got {self.self_label_target!r}')
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f'need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}')
+        if self.chunk is not None and (self.chunk < self.batch_size or self.pair_labels != 'clean'):
+            raise ValueError(f"chunk (the authors' targets per chunk of clean images) needs chunk >= batch_size and pair_labels='clean', "
+                             f'got chunk={self.chunk}, batch_size={self.batch_size}, pair_labels={self.pair_labels!r}')
+        if self.variant == 'dac_star' and (self.bn, self.init, self.st_sampler) != ('running', 'torch', 'torch'):
+            raise ValueError("bn, init and st_sampler are options of the ST-DAC networks, not of dac_star's")
+        if self.predict_batch_size < 1: raise ValueError(f'predict_batch_size must be >= 1, got {self.predict_batch_size}')
         dac_thresholds(0, self.epochs, self.lower, self.upper, self.schedule)   # validates the thresholds and the schedule
 
     def _build(self, input_shape):
         self.device_ = get_device(self.device)
         kw = {} if self.variant == 'dac_star' else dict(widths=tuple(self.widths), hidden=self.hidden,
                                                         third_pool=self.third_pool, dropout=self.dropout,
-                                                        final_tanh=self.final_tanh)
+                                                        final_tanh=self.final_tanh, bn=self.bn, init=self.init,
+                                                        st_sampler=self.st_sampler)
         self.net_ = build_st_dac_net(self.variant, input_shape[0], input_shape[1], self.n_clusters, **kw).to(self.device_)
         self.tau_ = self.augment or _identity
 
@@ -229,26 +278,47 @@ class DeepAdaptiveClustering(DeepClusterTransformer):
         for m in drops: m.train()
         return ref
 
+    def _chunk_reference(self, xc: torch.Tensor) -> torch.Tensor:
+        "The authors' targets: label features of a chunk's clean images, predicted once (inference mode, batches of `predict_batch_size`)."
+        return label_features(predict_batched(self.net_, xc, batch_size=self.predict_batch_size, device=self.device_))
+
+    def _batches(self, X):
+        "Mini-batches with their clean label features (None when nothing needs them) for one epoch."
+        need_ref = self.pair_labels == 'clean' or (self.self_label_weight and self.self_label_target == 'clean')
+        if self.chunk is None:
+            for idx in minibatches(len(X), self.batch_size, drop_last=len(X) > self.batch_size):
+                xb = X[idx].to(self.device_)
+                self.net_.train()
+                yield xb, (self._reference(xb) if need_ref else None)
+            return
+        perm = torch.randperm(len(X))               # the code: shuffle, cut into chunks, drop the remainders
+        for c in range(len(X) // self.chunk):
+            xc = X[perm[c * self.chunk:(c + 1) * self.chunk]]
+            ref_c = self._chunk_reference(xc).to(self.device_)
+            order = torch.randperm(self.chunk)
+            for j in range(self.chunk // self.batch_size):
+                a = order[j * self.batch_size:(j + 1) * self.batch_size]
+                self.net_.train()
+                yield xc[a].to(self.device_), ref_c[a]
+
     def _epoch(self, X, opt, epoch: int, on_epoch) -> dict:
         u, l = dac_thresholds(epoch, self.epochs, self.lower, self.upper, self.schedule)
         logs, n_batches, t0 = {'loss': 0.0, 'selected': 0.0, 'positive': 0.0, 'upper': 0.0}, 0, time.perf_counter()
-        for idx in minibatches(len(X), self.batch_size, drop_last=len(X) > self.batch_size):
-            xb, ref = X[idx].to(self.device_), None
-            self.net_.train()
-            if self.pair_labels == 'clean': ref = self._reference(xb)
-
+        for xb, ref in self._batches(X):
             p = self.net_(self.tau_(xb))
             f = label_features(p)
-            if self.schedule == 'balanced': u = balanced_upper(f if ref is None else ref, self.n_clusters)
-            loss, info = dac_pair_loss(f, u, l, reference=ref)
+            pair_ref = ref if self.pair_labels == 'clean' else None
+            if self.schedule == 'balanced': u = balanced_upper(f if pair_ref is None else pair_ref, self.n_clusters)
+            loss, info = dac_pair_loss(f, u, l, reference=pair_ref)
             if self.self_label_weight:
-                loss = loss + self.self_label_weight * F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), f.detach())
+                target = ref if self.self_label_target == 'clean' else f.detach()
+                loss = loss + self.self_label_weight * self_label_loss(p, target)
             opt.zero_grad(); loss.backward(); opt.step()
             logs['loss'] += loss.item(); logs['selected'] += info['selected']; logs['positive'] += info['positive']; logs['upper'] += u
             n_batches += 1
         secs = time.perf_counter() - t0
         logs = {k: v / n_batches for k, v in logs.items()}
-        pred = self.epoch_pred_ = self.predict(X)        # label-free diagnostics; `on_epoch` may reuse it
+        pred = self.epoch_pred_ = self._predict_prepared(X).argmax(1)   # label-free diagnostics; `on_epoch` may reuse it
         logs.update(lower=l, seconds=secs, images_per_s=n_batches * self.batch_size / secs,
                     largest_cluster=float(np.bincount(pred, minlength=self.n_clusters).max() / len(X)),
                     n_clusters_used=int(len(np.unique(pred))))
@@ -260,26 +330,33 @@ class DeepAdaptiveClustering(DeepClusterTransformer):
     def fit(self, X, y=None, checkpoint: Checkpoint | None = None, on_epoch=None):
         "Train on images X (any form `as_images` reads); `y` is ignored."
         X = self._fit_input(X, self.batch_size)
+        if self.chunk is not None and len(X) < self.chunk: raise ValueError(f'need at least chunk = {self.chunk} images, got {len(X)}')
+        self.offset_ = float(X.mean()) if self.center else 0.0     # the code subtracts the data's mean pixel value
         seed_everything(self.random_state)
         self._build(self.input_shape_)
-        return self._train(X, adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
+        return self._train(X - self.offset_, adam(self.net_.parameters(), lr=self.lr), checkpoint, on_epoch)
+
+    def _training_labels(self, X) -> np.ndarray: return self._predict_prepared(X).argmax(1)   # X is centred already
+
+    def _predict_prepared(self, X: torch.Tensor) -> np.ndarray:
+        "Softmax outputs of already centred images (dropout off; BN as `bn` says)."
+        self.net_.eval()
+        return predict_batched(self.net_, X, batch_size=self.predict_batch_size, device=self.device_).numpy()
 
     def predict_proba(self, X) -> np.ndarray:
         "The softmax outputs of the network (before the l2 normalisation)."
-        X = self._check_fitted(X)
-        self.net_.eval()
-        return predict_batched(self.net_, X, device=self.device_).numpy()
+        return self._predict_prepared(self._check_fitted(X) - getattr(self, 'offset_', 0.0))
 
     def transform(self, X) -> np.ndarray:
         "DAC's label features f(X): the softmax outputs divided by their norm."
         return label_features(torch.from_numpy(self.predict_proba(X))).numpy()
 
     def st1_output(self, X) -> torch.Tensor:
-        "What the first ST layer makes of images X (for Figures 4 and 5)."
-        X = self._check_fitted(X)
+        "What the first ST layer makes of images X (for Figures 4 and 5), in the network's input scale."
+        X = self._check_fitted(X) - getattr(self, 'offset_', 0.0)
         if not getattr(self.net_, 'n_st', 0): raise ValueError(f'variant {self.variant!r} has no ST layer')
         self.net_.eval()
-        return predict_batched(self.net_.st1, X, device=self.device_)
+        return predict_batched(self.net_.st1, X, batch_size=self.predict_batch_size, device=self.device_) + getattr(self, 'offset_', 0.0)
 
 # %% ../nbs/10_st_dac.ipynb #f8a752f1
 ST_DAC_DIGITS = dict(epochs=30, lr=1e-3, widths=(16, 32, 64), hidden=256, lower=0.8)
@@ -294,14 +371,50 @@ def st_dac_config(variant: str, dataset: str, protocol: str) -> dict:
     fashion = dataset == 'fashion_mnist'
     cfg = dict(epochs=10, batch_size=32, lr=1e-4, lower=0.8 if fashion else 0.9, upper=0.99, schedule='linear',
                widths=(64, 128, 256), hidden=3096, third_pool=True, dropout=0.0, self_label_weight=0.0,
-               pair_labels='clean', final_tanh=True, subset=None, subset_seed=0, checkpoint_every=1, save_artifacts=True)
+               pair_labels='clean', final_tanh=True, self_label_target='augmented', chunk=None, center=False,
+               bn='running', init='torch', st_sampler='torch', predict_batch_size=1024, keras_augment=False,
+               subset=None, subset_seed=0, checkpoint_every=1, save_artifacts=True)
     if dataset == 'digits': cfg.update(ST_DAC_DIGITS)
     elif protocol == 'cpu': cfg.update(ST_DAC_CPU)
     return cfg
 
+# %% ../nbs/10_st_dac.ipynb #a31b3f31
+ST_DAC_CODE = 'thiagoviniciuspe/ST-DAC'    # the authors' Keras 1 scripts, one per dataset and number of ST layers
+
+def st_dac_authors_code(variant: str, dataset: str) -> dict:
+    "The `authors_code` preset: what the authors' scripts do, each setting with the line it comes from (MNIST_stdac_two_st_layers.py; F: fashionMNIST_STDAC_three_st_layers.py)."
+    if variant == 'dac_star': raise ValueError("authors_code is the ST-DAC scripts' setting; dac_star is DAC's network")
+    fashion = dataset == 'fashion_mnist'
+    return dict(
+        batch_size=32,                    # L163 batch_size = 32
+        lr=1e-4,                          # L174 lr = 0.0001; L279 Adam(0.0001) (Keras defaults beta 0.9 / 0.999)
+        upper=0.99,                       # L166 upper = 0.99; L169 th = upper
+        lower=0.9 if fashion else 0.8,    # L168 lower = 0.8 (F: L182 lower = 0.9); the paper states them the other way round
+        schedule='code',                  # L170 eta = (upper - lower) / epoch; L365 th = th - eta after every epoch;
+                                          # L330 one threshold th for every pair (the counts of L331-339 are printed, never used)
+        chunk=1000,                       # L173 nb = 1000; L325-329 shuffle, cut into chunks, predict each chunk once
+        pair_labels='clean',              # L329-330 pair targets from the clean chunk's prediction
+        self_label_weight=10.0,           # L280-281 loss_weights: main_output 1, aux_output 10
+        self_label_target='clean',        # L346 Y_ = Y[address]: the clean chunk's normalised prediction (L329), the
+                                          # target of the augmented batch's softmax (L349 train_on_batch(X_aug, [Y_, Y_batch]))
+        dropout=0.5,                      # L259 Dropout(0.5) after the 3,096-unit layer
+        third_pool=False,                 # L252-255: conv 256, BN, ReLU, Flatten; no third pooling
+        widths=(64, 128, 256), hidden=3096,   # L241, L246, L252 conv widths; L256 Dense(3096)
+        final_tanh=True,                  # L202 tanh after the localisation net's last layer (weights zero, identity bias: L181-187)
+        bn='batch',                       # L242-262 BatchNormalization(mode=2): the batch's statistics in training and in predict
+        predict_batch_size=32,            # L305, L329, L383 predict(...) with Keras' default batch_size of 32
+        center=True,                      # L122, L151-152 /255, then the mean pixel value of all images subtracted
+        init='keras',                     # L241, L246, L252 he_normal convolutions; Dense and localisation convolutions
+                                          # take Keras 1's default glorot_uniform (L192-201, L256, L260)
+        st_sampler='seya',                # L49, L240, L249 seya's SpatialTransformer (downsample_factor=1)
+        keras_augment=True,               # L64-71 ImageDataGenerator (F: L66-74): rotation, shift, channel shift, rescale,
+                                          # zoom (F: flip); Keras warps with nearest-pixel reads and fill_mode='nearest'
+    )
+
 # %% ../nbs/10_st_dac.ipynb #fbbc0abd
 ST_DAC_ESTIMATOR_KEYS = ('epochs', 'batch_size', 'lr', 'lower', 'upper', 'schedule', 'widths', 'hidden', 'third_pool',
-                         'dropout', 'self_label_weight', 'pair_labels', 'final_tanh')
+                         'dropout', 'self_label_weight', 'pair_labels', 'final_tanh', 'self_label_target', 'chunk', 'center',
+                         'bn', 'init', 'st_sampler', 'predict_batch_size')
 
 def _class_stats(x: torch.Tensor, y: torch.Tensor, k: int):
     "Per-class mean and standard deviation images (k x C x H x W each)."
@@ -320,8 +433,9 @@ def st_dac_fit_predict(cfg: dict, variant: str, dataset: str, seed: int, device,
     x, y = load_dataset(dataset, 'all')
     if cfg['subset']: x, y = stratified_subset(x, y, cfg['subset'], seed=cfg['subset_seed'])
     k = len(get_spec(dataset).classes)
-    est = DeepAdaptiveClustering(k, variant, augment=st_dac_augmentation(dataset), snapshot_images=x[:8],
-                                 device=device, random_state=seed, **{n: cfg[n] for n in ST_DAC_ESTIMATOR_KEYS})
+    aug = st_dac_augmentation(dataset, keras=cfg.get('keras_augment', False))
+    est = DeepAdaptiveClustering(k, variant, augment=aug, snapshot_images=x[:8], device=device, random_state=seed,
+                                 **{n: cfg[n] for n in ST_DAC_ESTIMATOR_KEYS})
     def curve(epoch, e): return {f'eval_{m}': v for m, v in evaluate(y, e.epoch_pred_).items()}   # Figure 6 only
     t0 = time.perf_counter()
     est.fit(x, checkpoint=checkpoint, on_epoch=curve)
@@ -356,7 +470,8 @@ ST_DAC_QUOTED = [
 ]
 
 ST_DAC = register(Experiment('st_dac', 'ST-DAC: spatial transformers in Deep Adaptive Clustering (Souza & Zanchettin 2019)',
-                             tuple(ST_DAC_VARIANTS), ST_DAC_DATASETS, st_dac_config, st_dac_fit_predict, ST_DAC_QUOTED))
+                             tuple(ST_DAC_VARIANTS), ST_DAC_DATASETS, st_dac_config, st_dac_fit_predict, ST_DAC_QUOTED,
+                             presets={'authors_code': st_dac_authors_code}))
 
 def _st_dac_preset(variant: str, dataset: str, protocol: str) -> dict:
     "Estimator settings of a run (the registry's presets)."
@@ -365,5 +480,8 @@ def _st_dac_preset(variant: str, dataset: str, protocol: str) -> dict:
 
 ST_DAC_METHOD = register_method(Method('st_dac', DeepAdaptiveClustering, {
     'demo': _st_dac_preset('st1', 'digits', 'cpu'), 'cpu': _st_dac_preset('st2', 'mnist', 'cpu'),
-    'paper': _st_dac_preset('st2', 'mnist', 'paper')}, ST_DAC.title, experiment='st_dac'))
+    'paper': _st_dac_preset('st2', 'mnist', 'paper'),
+    'authors_code': {**_st_dac_preset('st2', 'mnist', 'paper'),
+                     **{k: v for k, v in st_dac_authors_code('st2', 'mnist').items() if k in ST_DAC_ESTIMATOR_KEYS}}},
+    ST_DAC.title, experiment='st_dac'))
 

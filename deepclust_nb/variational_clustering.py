@@ -402,7 +402,8 @@ def vc_summary(art: dict, n_points: int = 1000, n_prior: int = 100) -> dict:
         snaps[ep] = {'posterior_mean': s_['posterior_mean'][:n_points].half().numpy(),
                      'prior_samples': z.reshape(k, 500, -1)[:, :n_prior].reshape(k * n_prior, -1).half().numpy(),
                      'prior_labels': np.repeat(np.arange(k), n_prior).astype(np.uint8)}
-    return {'test_pred': art['test_pred'].numpy().astype(np.uint8), 'snapshots': snaps,
+    pred = {'test_pred': art['test_pred'].numpy().astype(np.uint8)} if 'test_pred' in art else {}   # older runs kept none
+    return {**pred, 'snapshots': snaps,
             'snapshot_labels': art['snapshot_labels'][:n_points].numpy().astype(np.uint8),
             **{k: art[k].half().numpy() for k in ('samples', 'z_interp', 'e_interp')}}
 

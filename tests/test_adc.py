@@ -166,3 +166,80 @@ def test_agreement_counts_clusters_not_centroids():
     assert adc_losses(net, x, x)['agreement'].item() == 1.0
     with torch.no_grad(): net.classifier.weight.copy_(torch.tensor([[0., 1.], [1., 0.]]))   # logits swap the clusters
     assert adc_losses(net, x, x)['agreement'].item() == 0.0
+
+
+# --- the authors_code preset: each regulariser against a hand-computed case ---------------------------------------
+
+from deepclust_nb.experiment import build_config, get_experiment  # noqa: E402
+from deepclust_nb.adc import (ADC_ESTIMATOR_KEYS, adc_authors_code, adc_lr, emb_l1_loss, norm_loss,  # noqa: E402
+                              weight_decay_loss)
+
+
+def test_norm_regulariser_sum_is_the_codes():
+    e = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 0.0]])                    # norms 5, 1, 0
+    assert norm_loss(e, reduction='sum').item() == pytest.approx(16 + 0 + 1)
+    assert norm_loss(e).item() == pytest.approx(17 / 3)
+    with pytest.raises(ValueError, match='reduction'): norm_loss(e, reduction='max')
+
+
+def test_l1_and_weight_decay_hand_computed():
+    assert emb_l1_loss(torch.tensor([[1.0, -2.0]]), torch.tensor([[-0.5, 0.0]])).item() == pytest.approx(3.5)
+    conv, lin = torch.nn.Conv2d(1, 1, 2), torch.nn.Linear(3, 1)
+    torch.nn.init.constant_(conv.weight, 1.0); torch.nn.init.constant_(lin.weight, -2.0)
+    torch.nn.init.constant_(conv.bias, 7.0); torch.nn.init.constant_(lin.bias, 7.0)    # biases are not decayed
+    assert weight_decay_loss(torch.nn.Sequential(conv, lin)).item() == pytest.approx((4 * 1 + 3 * 4) / 2)
+
+
+def test_losses_add_the_codes_regularisers():
+    torch.manual_seed(0)
+    net = ADCNet(VCNN(1, 8, widths=(4, 4, 4), emb_dim=6), 3, centroids_per_cluster=2)
+    x, xa = torch.rand(5, 1, 8, 8), torch.rand(15, 1, 8, 8)
+    kw = dict(gamma=2e-4, norm_reduction='sum', l1_weight=3e-4, weight_decay=1e-3, alpha=1.0, beta=1.0, delta=0.0,
+              cls_weight=0.5, logit_l2=1e-4)
+    out = adc_losses(net, x, xa, visit_weight=1.0, **kw)
+    z = net(torch.cat([x, xa]))
+    want_l1 = z.abs().sum() + net.centroids.abs().sum()
+    want_norm = ((torch.cat([z, net.centroids]).norm(dim=1) - 1) ** 2).sum()
+    assert out['l1'].item() == pytest.approx(want_l1.item(), rel=1e-5)
+    assert out['norm'].item() == pytest.approx(want_norm.item(), rel=1e-5)
+    assert out['wd'].item() == pytest.approx(sum((m.weight ** 2).sum().item() for m in net.backbone.modules()
+                                                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))) / 2, rel=1e-5)
+    total = (out['c'] + out['aug'] + 2e-4 * out['norm'] + 0.5 * out['cls'] + 1e-4 * out['l2'] + 3e-4 * out['l1']
+             + 1e-3 * out['wd'])
+    assert out['total'].item() == pytest.approx(total.item(), rel=1e-5)
+    warm = adc_losses(net, x, xa, visit_weight=1.0, warmup=True, **kw)      # warm-up: no centroid terms, regularisers on
+    assert warm['total'].item() == pytest.approx((warm['aug'] + 2e-4 * warm['norm'] + 3e-4 * warm['l1'] + 1e-3 * warm['wd']).item(), rel=1e-5)
+
+
+def test_code_learning_rate_schedule():
+    lr = lambda s: adc_lr(s, 1e-3, 2000, 5000, schedule='code')
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(1000) == pytest.approx(1e-6 + 0.5e-3)                           # the logistic envelope's midpoint
+    assert lr(3000) == pytest.approx(1e-6 + 1e-3 * (math.tanh(5 / 2000 * 2000) + 1) / 2)
+    assert lr(5000) > 9.9e-4 and lr(5001) == pytest.approx(1e-6 + 0.33e-3, rel=1e-3)   # x0.33 after step 5000
+    assert lr(10_001) == pytest.approx(1e-6 + 0.33 ** 2 * 1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match='schedule'): adc_lr(10, schedule='cosine')
+
+
+def test_authors_code_preset_and_elu_embedding():
+    p = adc_authors_code('vcnn', 'mnist')
+    assert (p['gamma'], p['norm_reduction'], p['l1_weight'], p['weight_decay'], p['dropout']) == (2e-4, 'sum', 0.0, 1e-3, 0.2)
+    assert (p['centroids_per_cluster'], p['n_aug'], p['steps'], p['cls_weight'], p['aug_weight_after_init']) == (4, 3, 10_000, 0.5, 0.2)
+    cfg = build_config(get_experiment('adc'), 'vcnn', 'mnist', 'paper', p)    # every key is a config setting
+    assert cfg['lr_schedule'] == 'code' and cfg['code_augment']
+    with pytest.raises(ValueError, match='VCNN'): adc_authors_code('resnet', 'mnist')
+    net = VCNN(1, 28, emb_activation='elu')
+    assert net(torch.rand(4, 1, 28, 28)).min() >= -1.0                       # an ELU's floor
+    with pytest.raises(ValueError, match='emb_activation'): VCNN(1, 28, emb_activation='relu')
+    with pytest.raises(ValueError, match='norm_reduction'):
+        AssociativeDeepClustering(norm_reduction='max').fit(load_dataset('digits', 'train')[0])
+
+
+def test_code_augmentation_clips_once_and_fills_grey():
+    torch.manual_seed(0)
+    tau = adc_augmentation('mnist', code=True)
+    x = torch.zeros(64, 1, 28, 28)
+    out = tau(x)
+    assert out.min() >= 0 and out.max() <= 1 and out.shape == x.shape
+    assert (out.mean(dim=(1, 2, 3)) > 0.1).any()           # grey rotation corners and brightness offsets lift black images
+    with pytest.raises(ValueError, match='digit set'): adc_augmentation('cifar10_jpeg', code=True)

@@ -180,3 +180,16 @@ def test_demo_command_runs_a_chapters_demo_path(capsys, real_data):
     assert 'kmeans on pixels' in out and 'embedding_space' in out
     assert main(['demo', 'kmeans']) == 2 and 'declares no demo' in capsys.readouterr().err
     assert main(['demo', 'no_such_method']) == 2
+
+
+def test_run_experiment_applies_a_named_preset(tmp_path):
+    import deepclust_nb.st_dac  # noqa: F401  (registers the paper)
+    from deepclust_nb.experiment import run_experiment
+    rec = run_experiment('st_dac', 'st1', 'digits', 'cpu', seed=0, results=tmp_path, preset='authors_code', epochs=1,
+                         widths=(8, 8, 8), hidden=16, chunk=512, save_artifacts=False)
+    assert rec['tag'] == 'authors_code' and rec['preset'] == 'authors_code'      # the tag names the preset
+    cfg = rec['config']
+    assert (cfg['self_label_target'], cfg['bn'], cfg['schedule'], cfg['chunk'], cfg['hidden']) == ('clean', 'batch', 'code', 512, 16)
+    assert (tmp_path/'st_dac'/'st1__digits__cpu__seed0__authors_code.json').exists()
+    with pytest.raises(ValueError, match='no preset'):
+        run_experiment('st_dac', 'st1', 'digits', 'cpu', results=tmp_path, preset='nope')

@@ -56,9 +56,6 @@ def test_readme_is_generated_from_index(tmp_path):
 
 
 MAX_TRACKED_BYTES = 2_000_000
-# Run artifacts committed before the artifact cache existed. A stop's diff is capped, so their removal is spread over
-# several commits; this list may only shrink, and nothing else over the limit may be added.
-LEGACY_LARGE = ROOT/'tests'/'legacy_large_files.txt'
 
 
 def _tracked_sizes() -> dict:
@@ -69,18 +66,16 @@ def _tracked_sizes() -> dict:
 
 def test_no_tracked_file_over_2mb():
     if not (ROOT/'.git').exists(): pytest.skip('not a git checkout')
-    legacy = set(LEGACY_LARGE.read_text().split()) if LEGACY_LARGE.exists() else set()
-    assert all(f.endswith('.artifacts.pt') for f in legacy), 'only old run artifacts may be listed as legacy'
-    big = {f: s for f, s in _tracked_sizes().items() if s > MAX_TRACKED_BYTES and f not in legacy}
+    big = {f: s for f, s in _tracked_sizes().items() if s > MAX_TRACKED_BYTES}
     assert not big, f'tracked files over 2 MB (keep large outputs in the artifact cache, shrink notebook images): {big}'
 
 
-def test_legacy_list_only_names_tracked_files():
-    "Removing a legacy artifact from git must remove it from the list too, so the list cannot grow stale."
-    if not (ROOT/'.git').exists() or not LEGACY_LARGE.exists(): pytest.skip('nothing listed')
-    tracked = set(_tracked_sizes())
-    stale = [f for f in LEGACY_LARGE.read_text().split() if f not in tracked]
-    assert not stale, f'{LEGACY_LARGE.name} lists files git no longer tracks: {stale[:5]}'
+def test_no_run_artifacts_are_tracked():
+    "Run artifacts live in the cache (DEEPCLUST_CACHE); figures read the summaries kept beside the records."
+    if not (ROOT/'.git').exists(): pytest.skip('not a git checkout')
+    tracked = [f for f in _tracked_sizes() if f.endswith('.artifacts.pt')]
+    assert not tracked, f'run artifacts are tracked (move them to the artifact cache): {tracked[:5]}'
+
 
 
 def test_summaries_are_small():

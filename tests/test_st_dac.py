@@ -165,3 +165,122 @@ def test_short_run_on_digits_learns_a_partition():
     assert len(np.unique(est.labels_)) >= 8
     assert est.history_[-1]['loss'] < 0.5 * est.history_[0]['loss']
     assert est.transform(x[:5]).shape == (5, 10) and np.allclose(np.linalg.norm(est.transform(x[:5]), axis=1), 1)
+
+
+# --- the authors_code preset: each part against a hand-computed case --------------------------------------------
+
+from deepclust_nb.st_dac import STDACNet, self_label_loss, st_dac_authors_code   # noqa: E402
+from deepclust_nb.augment import affine_matrices, warp_affine                      # noqa: E402
+
+
+def test_self_label_loss_hand_computed_and_target_gets_no_gradient():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.9, 0.3, 0.1], [0.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    by_hand = -sum(tj * math.log(pj) + (1 - tj) * math.log(1 - pj)
+                   for prow, trow in zip(p.tolist(), t.tolist()) for pj, tj in zip(prow, trow)) / 6
+    loss = self_label_loss(p, t)
+    assert loss.item() == pytest.approx(by_hand, abs=1e-9)
+    loss.backward()
+    assert p.grad is not None and t.grad is None
+    with pytest.raises(ValueError, match='same shape'): self_label_loss(p, t[:, :2])
+
+
+def test_code_schedule_is_one_threshold_on_all_pairs():
+    # the code: th = 0.99 at epoch 1, minus (0.99 - 0.8) / 10 after each epoch; u = l, so every pair is selected
+    for e in range(10):
+        u, l = dac_thresholds(e, 10, lower=0.8, upper=0.99, schedule='code')
+        assert u == l == pytest.approx(0.99 - e * 0.019)
+    f = label_features(torch.rand(6, 4))
+    _, info = dac_pair_loss(f, 0.9, 0.9)
+    assert info['selected'] == 1.0
+
+
+def test_authors_code_preset_values():
+    m, fm = st_dac_authors_code('st2', 'mnist'), st_dac_authors_code('st3', 'fashion_mnist')
+    assert (m['lower'], fm['lower'], m['upper']) == (0.8, 0.9, 0.99)
+    assert m['dropout'] == 0.5 and m['third_pool'] is False and m['chunk'] == 1000 and m['self_label_weight'] == 10
+    assert m['self_label_target'] == 'clean' and m['bn'] == 'batch' and m['predict_batch_size'] == 32 and m['center']
+    cfg = build_config(get_experiment('st_dac'), 'st2', 'mnist', 'paper', m)      # every key is a config setting
+    assert cfg['epochs'] == 10 and cfg['subset'] is None                          # the budget is the protocol's
+    with pytest.raises(ValueError, match='dac_star'): st_dac_authors_code('dac_star', 'mnist')
+
+
+def test_batch_statistics_bn_is_keras_mode_2():
+    # Keras 1 mode=2: the batch's own statistics in predict too, so one image's output depends on its batch
+    torch.manual_seed(0)
+    net = STDACNet(n_st=1, widths=(8, 8, 8), hidden=16, bn='batch').eval()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        alone, with_others = net(x[:4]), net(x)[:4]
+        assert not torch.allclose(alone, with_others)
+        bn = net.head[1]; h = torch.randn(5, 16)
+        by_hand = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps)
+        assert torch.allclose(bn(h), by_hand, atol=1e-5)                     # gamma 1, beta 0 at the start
+    assert not any(m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    with pytest.raises(ValueError, match='unknown bn'): STDACNet(bn='mode2')
+
+
+def test_keras_init_dropout_and_no_third_pool():
+    torch.manual_seed(0)
+    net = STDACNet(n_st=2, third_pool=False, dropout=0.5, init='keras')
+    dense = net.head[0]
+    bound = math.sqrt(6 / (dense.in_features + dense.out_features))            # glorot_uniform's limit
+    assert dense.weight.abs().max() <= bound and dense.weight.abs().max() > 0.9 * bound and not dense.bias.any()
+    assert dense.in_features == 256 * 7 * 7 and net.head[3].p == 0.5
+    last = net.st1.loc.head[2]                                                 # the ST layer still starts at the identity
+    assert not last.weight.any() and torch.equal(last.bias, torch.tensor([1.0, 0, 0, 0, 1, 0]))
+    with pytest.raises(ValueError, match='unknown init'): STDACNet(init='glorot')
+
+
+def test_seya_sampler_reads_pixel_s_plus_one_times_w_over_two():
+    # at theta = I, output pixel j reads input position j * W / (W - 1) (seya's (s + 1) * W / 2 on a linspace grid)
+    st = SpatialTransformer(1, 28, final_tanh=False, sampler='seya')
+    ramp = torch.arange(28.0).repeat(28, 1)[None, None]                        # value = column index
+    out = st(ramp)[0, 0, 5]
+    j = torch.arange(28.0); want = j * 28 / 27
+    inside = want <= 27
+    assert torch.allclose(out[inside], want[inside], atol=1e-4)
+    assert out[~inside].abs().max() < 1                                      # beyond the last pixel centre: zero padding
+    with pytest.raises(ValueError, match='unknown sampler'): SpatialTransformer(1, 28, sampler='keras')
+
+
+def test_keras_augmentation_fills_with_the_edge_pixel():
+    x = torch.rand(2, 1, 28, 28) + 1.0                                         # no pixel is 0
+    A = affine_matrices(2, torch.zeros(2), torch.tensor([[3 / 28, 0.0]] * 2), torch.ones(2), torch.zeros(2))
+    out = warp_affine(x, A, mode='nearest', padding='border')
+    assert torch.allclose(out[..., :3], x[..., :1].expand(-1, -1, -1, 3))       # the uncovered columns repeat the edge
+    assert torch.allclose(out[..., 3:], x[..., :-3])                            # a whole-pixel shift, read exactly
+    aug = st_dac_augmentation('mnist', keras=True)
+    assert aug(x).min() > 0.5                                                  # no zero fill anywhere
+
+
+def test_chunk_targets_come_from_clean_images_without_gradient():
+    x, _ = load_dataset('digits', 'all')
+    est = DeepAdaptiveClustering(10, 'st1', widths=(8, 8, 8), hidden=16, chunk=64, batch_size=16, pair_labels='clean',
+                                 self_label_weight=10, self_label_target='clean', bn='batch', predict_batch_size=16,
+                                 center=True, augment=st_dac_augmentation('digits', keras=True), random_state=0)
+    est._check_params(); est._build((1, 8, 8)); est.offset_ = 0.0
+    torch.manual_seed(0)
+    batches = est._batches(x[:128])
+    xb, ref = next(batches)
+    assert xb.shape == (16, 1, 8, 8) and not ref.requires_grad
+    # the chunk's targets are the clean images' label features in inference mode, predicted in batches of 16
+    torch.manual_seed(0); perm = torch.randperm(128)
+    xc = x[:128][perm[:64]]
+    est.net_.eval()
+    with torch.no_grad(): clean = torch.cat([label_features(est.net_(xc[i:i + 16])) for i in range(0, 64, 16)])
+    rows = [int(((xc - b).flatten(1).abs().sum(1) == 0).nonzero()[0]) for b in xb]   # where each batch image sits in the chunk
+    assert torch.allclose(ref, clean[rows], atol=1e-6)
+    assert sum(1 for _ in batches) == 2 * (64 // 16) - 1                        # 2 chunks of 64, 4 batches each
+    with pytest.raises(ValueError, match='chunk'): DeepAdaptiveClustering(chunk=8, batch_size=16).fit(x)
+
+
+def test_authors_code_runs_and_centres_the_images():
+    x, y = load_dataset('digits', 'all')
+    est = DeepAdaptiveClustering(10, 'st1', epochs=1, widths=(8, 8, 8), hidden=16, random_state=0,
+                                 **{k: v for k, v in st_dac_authors_code('st1', 'digits').items()
+                                    if k in ST_DAC_ESTIMATOR_KEYS and k not in ('widths', 'hidden')} | {'chunk': 512})
+    est.fit(x)
+    assert est.offset_ == pytest.approx(float(x.mean()))
+    assert est.labels_.shape == (len(x),) and np.array_equal(est.labels_, est.predict(x))
+    assert est.history_[0]['selected'] == 1.0
