@@ -67,7 +67,7 @@ def norm_loss(*embeddings: torch.Tensor, reduction: str = 'mean') -> torch.Tenso
     return sq.mean() if reduction == 'mean' else sq.sum()
 
 def emb_l1_loss(*embeddings: torch.Tensor) -> torch.Tensor:
-    "Sum of |e| over every entry of the given embedding matrices (the authors' `add_emb_regularization`)."
+    "Sum of the absolute values of every entry of the given embedding matrices (the authors' `add_emb_regularization`)."
     return sum(e.abs().sum() for e in embeddings)
 
 def weight_decay_loss(module: nn.Module) -> torch.Tensor:
