@@ -21,12 +21,12 @@ from .estimator import DeepClusterTransformer, DeepClusterer, Method, register_m
 from .train import Checkpoint, adam, get_device, glorot_init_, minutes_per_epoch, minibatches, predict_batched, seed_everything
 
 # %% auto #0
-__all__ = ['DAC_SCHEDULES', 'ST_SAMPLERS', 'ST_DAC_BN', 'ST_DAC_INITS', 'ST_DAC_VARIANTS', 'SELF_LABEL_TARGETS', 'ST_DAC_DIGITS',
-           'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_CODE', 'ST_DAC_ESTIMATOR_KEYS', 'ST_DAC_QUOTED', 'ST_DAC',
-           'ST_DAC_METHOD', 'label_features', 'dac_pair_targets', 'dac_pair_loss', 'self_label_loss', 'dac_thresholds',
-           'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet', 'DACAllConvNet', 'build_st_dac_net',
-           'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config', 'st_dac_authors_code', 'st_dac_summary',
-           'st_dac_fit_predict']
+__all__ = ['DAC_SCHEDULES', 'ST_SAMPLERS', 'ST_DAC_BN', 'ST_DAC_INITS', 'ST_DAC_VARIANTS', 'SELF_LABEL_TARGETS',
+           'ST_DAC_DATASETS', 'ST_DAC_CPU', 'ST_DAC_CODE', 'ST_DAC_DIGITS', 'ST_DAC_DEMO', 'ST_DAC_ESTIMATOR_KEYS',
+           'ST_DAC_QUOTED', 'ST_DAC', 'ST_DAC_METHOD', 'label_features', 'dac_pair_targets', 'dac_pair_loss',
+           'self_label_loss', 'dac_thresholds', 'balanced_upper', 'LocalisationNet', 'SpatialTransformer', 'STDACNet',
+           'DACAllConvNet', 'build_st_dac_net', 'st_dac_augmentation', 'DeepAdaptiveClustering', 'st_dac_config',
+           'st_dac_authors_code', 'st_dac_summary', 'st_dac_fit_predict']
 
 # %% ../nbs/10_st_dac.ipynb #064802b7
 def label_features(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -358,9 +358,6 @@ class DeepAdaptiveClustering(DeepClusterTransformer):
         self.net_.eval()
         return predict_batched(self.net_.st1, X, batch_size=self.predict_batch_size, device=self.device_) + getattr(self, 'offset_', 0.0)
 
-# %% ../nbs/10_st_dac.ipynb #f8a752f1
-ST_DAC_DIGITS = dict(epochs=30, lr=1e-3, widths=(16, 32, 64), hidden=256, lower=0.8)
-
 # %% ../nbs/10_st_dac.ipynb #0939bce8
 ST_DAC_DATASETS = ('mnist', 'fashion_mnist', 'usps', 'digits')
 
@@ -410,6 +407,13 @@ def st_dac_authors_code(variant: str, dataset: str) -> dict:
         keras_augment=True,               # L64-71 ImageDataGenerator (F: L66-74): rotation, shift, channel shift, rescale,
                                           # zoom (F: flip); Keras warps with nearest-pixel reads and fill_mode='nearest'
     )
+
+# %% ../nbs/10_st_dac.ipynb #f8a752f1
+ST_DAC_DIGITS = dict(epochs=30, lr=1e-3, widths=(16, 32, 64), hidden=256, lower=0.8)
+
+# %% ../nbs/10_st_dac.ipynb #5d5130c2
+ST_DAC_DEMO = {k: v for k, v in {**st_dac_authors_code('st1', 'digits'), **ST_DAC_DIGITS, 'chunk': 512}.items()
+               if k != 'keras_augment'}   # the chapter's demo: authors_code at the digits' scale (the warp is the augmentation's)
 
 # %% ../nbs/10_st_dac.ipynb #fbbc0abd
 ST_DAC_ESTIMATOR_KEYS = ('epochs', 'batch_size', 'lr', 'lower', 'upper', 'schedule', 'widths', 'hidden', 'third_pool',
