@@ -45,6 +45,11 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 # %% ../nbs/84_cli.ipynb #f719fb53
+def _with_augmentation(m, est, dataset: str):
+    "The estimator with the method's own batch transformation for `dataset`, when the method declares one."
+    if m.augmentation is not None and 'augment' in est.get_params(): est.set_params(augment=m.augmentation(dataset))
+    return est
+
 def run_demo(name: str, seed: int = 0, preset: str | None = None, n: int | None = None) -> dict:
     "Fit method `name` on its chapter's demo data (first `n` images if given) and k-means on the pixels; print and return both scores."
     m = get_method(name)
@@ -53,7 +58,7 @@ def run_demo(name: str, seed: int = 0, preset: str | None = None, n: int | None 
     x, y = load_dataset(dataset, split)
     if n: x, y = x[:n], y[:n]
     t0 = time.perf_counter(); pix = kmeans(x.flatten(1), int(y.max()) + 1, n_init=10, seed=seed).labels; t_km = time.perf_counter() - t0
-    est = make(name, preset or demo_preset, random_state=seed)
+    est = _with_augmentation(m, make(name, preset or demo_preset, random_state=seed), dataset)
     t0 = time.perf_counter(); est.fit(x); t_fit = time.perf_counter() - t0
     out = {'kmeans': {**evaluate(y, pix), 'seconds': t_km}, name: {**evaluate(y, est.labels_), 'seconds': t_fit},
            'data': f'{dataset} ({split}, {len(x):,} images)', 'threads': torch.get_num_threads()}
@@ -79,7 +84,8 @@ def build_demo_weights(names=None, out=None, seed: int = 0) -> dict:
     km = evaluate(y, kmeans(x.flatten(1), 10, n_init=10, seed=seed).labels)
     info = json.loads((out/'demos.json').read_text()) if (out/'demos.json').exists() else {'models': {}}
     for name in names or [n for n, m in load_methods().items() if 'demo' in m.presets and n != 'kmeans']:
-        t0 = time.perf_counter(); est = make(name, 'demo', random_state=seed).fit(x); secs = time.perf_counter() - t0
+        est = _with_augmentation(get_method(name), make(name, 'demo', random_state=seed), 'digits')
+        t0 = time.perf_counter(); est.fit(x); secs = time.perf_counter() - t0
         save_model(est, out/f'{name}.pt', half=True)
         r = evaluate(y, load_model(out/f'{name}.pt').predict(x))          # the score of the file as shipped (float16)
         info['models'][name] = {**{k: round(v, 4) for k, v in r.items()}, 'kmeans_acc': round(km['acc'], 4), 'seed': seed,

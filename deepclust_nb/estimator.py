@@ -202,6 +202,7 @@ class Method:
     title: str = ''
     experiment: str | None = None          # the records-pipeline experiment that runs it (`deepclust run NAME --dataset ...`)
     demo: tuple | None = None              # (dataset, split, preset) of its chapter's demo (`deepclust demo NAME`)
+    augmentation: object = None            # dataset name -> the batch transformation its demo and shipped model train with
 
 METHODS: dict[str, Method] = {}
 ENTRY_POINT_GROUP = 'deepclust_nb.methods'

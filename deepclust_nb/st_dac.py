@@ -483,9 +483,9 @@ def _st_dac_preset(variant: str, dataset: str, protocol: str) -> dict:
     return {'variant': variant, **{k: cfg[k] for k in ST_DAC_ESTIMATOR_KEYS}}
 
 ST_DAC_METHOD = register_method(Method('st_dac', DeepAdaptiveClustering, {
-    'demo': _st_dac_preset('st1', 'digits', 'cpu'), 'cpu': _st_dac_preset('st2', 'mnist', 'cpu'),
+    'demo': {'variant': 'st1', **ST_DAC_DEMO}, 'cpu': _st_dac_preset('st2', 'mnist', 'cpu'),
     'paper': _st_dac_preset('st2', 'mnist', 'paper'),
     'authors_code': {**_st_dac_preset('st2', 'mnist', 'paper'),
                      **{k: v for k, v in st_dac_authors_code('st2', 'mnist').items() if k in ST_DAC_ESTIMATOR_KEYS}}},
-    ST_DAC.title, experiment='st_dac'))
+    ST_DAC.title, experiment='st_dac', demo=('digits', 'all', 'demo'), augmentation=partial(st_dac_augmentation, keras=True)))
 
